@@ -2,14 +2,11 @@
 
 Three implementations of one semantics (per-token divergence between the
 student's and the teacher's next-token distributions, computed from hidden
-states and the LM head without building [tokens, vocab] logits):
+states and the LM head):
 
-- ``reference``: full logits, the float64-capable oracle (``reference.py``).
-- ``torch``: chunked pure-PyTorch autograd function (``torch_sdft.py``).
-- ``triton``: vocabulary-tiled Triton kernels (``triton_sdft.py``).
+- ``sdft_kernels.reference``: full logits, the float64-capable oracle.
+- ``sdft_kernels.torch_sdft``: chunked pure-PyTorch autograd function (CPU path, fallback).
+- ``sdft_kernels.triton_sdft``: vocabulary-tiled Triton kernels (CUDA; CPU under TRITON_INTERPRET=1).
+
+Submodules are imported on demand so that importing the package never touches Triton or CUDA.
 """
-
-from sdft_kernels.reference import reference_token_losses
-from sdft_kernels.torch_sdft import torch_token_losses
-
-__all__ = ["reference_token_losses", "torch_token_losses"]
