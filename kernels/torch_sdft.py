@@ -1,0 +1,298 @@
+"""Chunked pure-PyTorch fused linear self-distillation loss (the CPU path and the fallback).
+
+Same semantics as ``sdft_kernels.reference.reference_token_losses``, without ever holding
+[N, V] logits: tokens are cut into row chunks of ``R`` rows and the vocabulary into tiles of
+``Vt`` columns, with ``R * Vt`` chosen so that the live fp32 tiles fit ``memory_budget_mb``
+whatever N and V are. Per token we keep flash-attention style running statistics:
+
+    m_s, l_s = running max and sum exp(z_s - m_s)       (student, z_s = (W h_s + b) / tau)
+    m_t, l_t = the same for the teacher                  (z_t = (W h_t + b) / tau)
+    A = sum exp(z_s - m_s) (z_s - z_t)                   (reverse KL)
+    B = sum exp(z_t - m_t) (z_t - z_s)                   (forward KL)
+    lse = m + log l
+    forward KL(T||S) = B / l_t - lse_t + lse_s
+    reverse KL(S||T) = A / l_s - lse_s + lse_t
+
+When the max moves from m to m', every running sum scales by exp(m - m').
+
+Gradient w.r.t. z_s (then dh_s = g W / tau, dW = g^T h_s / tau, dbias = sum_rows g / tau):
+    forward KL:  g = p_s - p_t
+    reverse KL:  g = p_s ((log p_s - log p_t) - KL_rev)
+    JSD(alpha):  g = (1 - alpha) p_s (log p_s - log m - KL(S||M)),  m = (1 - alpha) p_s + alpha p_t
+      (d/dp_s of alpha KL(T||M) + (1 - alpha) KL(S||M) is (1 - alpha)(log p_s - log m): the
+       terms in 1/m cancel; then the softmax Jacobian subtracts the p_s-weighted mean.)
+
+Two strategies, picked per call:
+
+* **one sweep, gradient in the forward** (KL modes, LM head frozen — the LoRA case): the
+  gradient w.r.t. h_s is a p-weighted sum of W rows, so it can be accumulated online like the
+  value accumulator of flash attention and rescaled with the running max:
+      forward KL: dh = (acc_s / l_s - acc_t / l_t) / tau,  acc_x = sum exp(z_x - m_x) W_v
+      reverse KL: dh = (acc_A - (A / l_s) acc_s) / (l_s tau), acc_A = sum exp(z_s - m_s)(z_s - z_t) W_v
+  Cost: 4 GEMM-equivalents (z_s, z_t, and the two accumulators, each pair batched into one
+  GEMM) against the naive formula's 3, with no [N, V] traffic. JSD needs lse first, so it takes
+  a stats sweep plus a loss+accumulator sweep.
+* **stats in the forward, recompute in the backward** (the LM head or its bias requires grad,
+  or ``reduction="none"`` consumers that scale rows arbitrarily): the backward sweeps the
+  vocabulary again, rebuilding both logit tiles from the stored per-token floats, and forms
+  dh, dW, dbias with the incoming per-token gradient.
+
+Logits and statistics are fp32 whatever the input dtype; gradients return in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_MEMORY_BUDGET_MB = 32
+# Live fp32 [R, Vt] tiles at the peak of a vocabulary step (both logit tiles stacked, their
+# exponentials, and temporaries of the gradient formula).
+_LIVE_TILES = 8
+_MAX_ROWS = 1024  # larger row chunks give no faster GEMMs on CPU and only cost memory
+_MIN_VOCAB_TILE = 128
+
+
+def tile_sizes(num_tokens: int, vocab_size: int, memory_budget_mb: float) -> tuple[int, int]:
+    """Rows per chunk and vocabulary columns per tile for a memory budget (in MiB)."""
+    budget_elems = max(int(memory_budget_mb * 2**20) // (4 * _LIVE_TILES), 1)
+    # Prefer tall row chunks (each chunk reads all of W once), but keep tiles >= _MIN_VOCAB_TILE wide.
+    rows = max(1, min(num_tokens, _MAX_ROWS, budget_elems // _MIN_VOCAB_TILE))
+    vocab_tile = max(1, min(vocab_size, budget_elems // rows))
+    return rows, vocab_tile
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 statistics for fp32/bf16/fp16 inputs; float64 inputs (tests, gradcheck) stay float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logit_tile(hidden, weight, bias, v0, v1, inv_tau):
+    """[R, Vt] logits (W[v0:v1] h + b[v0:v1]) / tau in the row chunk's (fp32/fp64) dtype."""
+    w_tile = weight[v0:v1].to(hidden.dtype)  # a view when the dtypes already agree
+    if bias is None:
+        z = hidden @ w_tile.T
+    else:
+        z = torch.addmm(bias[v0:v1].to(hidden.dtype), hidden, w_tile.T)
+    if inv_tau != 1.0:
+        z.mul_(inv_tau)
+    return z, w_tile
+
+
+def _jsd_log_mixture(log_p_s, log_p_t, alpha):
+    # log m = log((1 - alpha) p_s + alpha p_t), computed stably in log space
+    return torch.logaddexp(log_p_s + math.log1p(-alpha), log_p_t + math.log(alpha))
+
+
+def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
+    """Statistics (and optionally dh) for one row chunk. Returns (loss, lse_s, lse_t, aux, dh)."""
+    rows = h_s.shape[0]
+    vocab = weight.shape[0]
+    dtype = _compute_dtype(h_s.dtype)
+    h_both = torch.cat([h_s, h_t]).to(dtype)  # [2R, D]: one GEMM per tile for both logit sets
+    m_s = torch.full((rows,), -math.inf, device=h_s.device, dtype=dtype)
+    m_t = m_s.clone()
+    l_s, l_t = torch.zeros_like(m_s), torch.zeros_like(m_s)
+    cross = torch.zeros_like(m_s)  # A (reverse KL) or B (forward KL)
+    kl_mode = alpha in (0.0, 1.0)
+    one_sweep_dh = want_dh and kl_mode
+    if one_sweep_dh:
+        acc = h_both.new_zeros(2 * rows, weight.shape[1])  # [2R, D] stacked accumulators
+
+    # Sweep 1: running max / sum for both distributions (+ A or B, + accumulators).
+    for v0 in range(0, vocab, vocab_tile):
+        v1 = min(v0 + vocab_tile, vocab)
+        z_both, w_tile = _logit_tile(h_both, weight, bias, v0, v1, inv_tau)  # [2R, Vt]
+        z_s, z_t = z_both[:rows], z_both[rows:]
+        new_m_s = torch.maximum(m_s, z_s.max(dim=1).values)
+        new_m_t = torch.maximum(m_t, z_t.max(dim=1).values)
+        scale_s = torch.exp(m_s - new_m_s)  # 0 on the first tile (exp(-inf))
+        scale_t = torch.exp(m_t - new_m_t)
+        e_s = torch.exp(z_s - new_m_s[:, None])
+        e_t = torch.exp(z_t - new_m_t[:, None])
+        l_s = l_s * scale_s + e_s.sum(1)
+        l_t = l_t * scale_t + e_t.sum(1)
+        if alpha == 1.0:  # A = sum exp(z_s - m_s)(z_s - z_t)
+            weighted = e_s * (z_s - z_t)
+            cross = cross * scale_s + weighted.sum(1)
+        elif alpha == 0.0:  # B = sum exp(z_t - m_t)(z_t - z_s)
+            cross = cross * scale_t + (e_t * (z_t - z_s)).sum(1)
+        if one_sweep_dh:
+            if alpha == 0.0:  # acc = [sum e_s W ; sum e_t W]
+                acc[:rows].mul_(scale_s[:, None])
+                acc[rows:].mul_(scale_t[:, None])
+                acc.addmm_(torch.cat([e_s, e_t]), w_tile)
+            else:  # acc = [sum e_s (z_s - z_t) W ; sum e_s W], both scaled with the student max
+                acc.mul_(torch.cat([scale_s, scale_s])[:, None])
+                acc.addmm_(torch.cat([weighted, e_s]), w_tile)
+        m_s, m_t = new_m_s, new_m_t
+
+    lse_s = m_s + torch.log(l_s)
+    lse_t = m_t + torch.log(l_t)
+    dh = None
+    if alpha == 0.0:
+        loss = cross / l_t - lse_t + lse_s
+        aux = loss
+        if one_sweep_dh:
+            dh = (acc[:rows] / l_s[:, None] - acc[rows:] / l_t[:, None]) * inv_tau
+    elif alpha == 1.0:
+        mean_diff = cross / l_s  # E_{p_s}[z_s - z_t]
+        loss = mean_diff - lse_s + lse_t
+        aux = loss
+        if one_sweep_dh:
+            dh = (acc[:rows] - mean_diff[:, None] * acc[rows:]) * (inv_tau / l_s)[:, None]
+    else:
+        loss, aux, dh = _jsd_sweep(h_both, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh)
+    # Clamp tiny negative rounding (KL >= 0 mathematically).
+    return loss.clamp_min(0.0), lse_s, lse_t, aux, dh
+
+
+def _jsd_sweep(h_both, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh):
+    """Sweep 2 for the generalized JSD: its value (needs lse) and optionally dh."""
+    rows = lse_s.shape[0]
+    kl_t_m = torch.zeros_like(lse_s)
+    kl_s_m = torch.zeros_like(lse_s)
+    if want_dh:
+        acc = h_both.new_zeros(2 * rows, weight.shape[1])
+    for v0 in range(0, weight.shape[0], vocab_tile):
+        v1 = min(v0 + vocab_tile, weight.shape[0])
+        z_both, w_tile = _logit_tile(h_both, weight, bias, v0, v1, inv_tau)
+        log_p_s = z_both[:rows] - lse_s[:, None]
+        log_p_t = z_both[rows:] - lse_t[:, None]
+        log_m = _jsd_log_mixture(log_p_s, log_p_t, alpha)
+        p_s, p_t = log_p_s.exp(), log_p_t.exp()
+        s_term = p_s * (log_p_s - log_m)
+        kl_t_m += (p_t * (log_p_t - log_m)).sum(1)
+        kl_s_m += s_term.sum(1)
+        if want_dh:  # acc = [sum p_s (log p_s - log m) W ; sum p_s W]
+            acc.addmm_(torch.cat([s_term, p_s]), w_tile)
+    loss = alpha * kl_t_m + (1.0 - alpha) * kl_s_m
+    dh = None
+    if want_dh:
+        dh = (1.0 - alpha) * inv_tau * (acc[:rows] - kl_s_m[:, None] * acc[rows:])
+    return loss, kl_s_m, dh
+
+
+def _grad_tile(z_s, z_t, lse_s, lse_t, aux, alpha):
+    """dLoss/dz_s for one [R, Vt] tile, given the per-token stats of the forward."""
+    log_p_s = z_s - lse_s[:, None]
+    log_p_t = z_t - lse_t[:, None]
+    p_s = log_p_s.exp()
+    if alpha == 0.0:
+        return p_s - log_p_t.exp()
+    if alpha == 1.0:  # aux = KL_rev
+        return p_s * ((log_p_s - log_p_t) - aux[:, None])
+    log_m = _jsd_log_mixture(log_p_s, log_p_t, alpha)  # aux = KL(S||M)
+    return (1.0 - alpha) * p_s * ((log_p_s - log_m) - aux[:, None])
+
+
+class ChunkedSelfDistill(torch.autograd.Function):
+    """Per-token divergences [N] (fp32) with the memory of one [R, Vt] tile set."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, teacher_hidden, weight, bias, alpha, temperature, memory_budget_mb):
+        # student_hidden, teacher_hidden: [N, D]; weight: [V, D]; bias: [V] or None
+        num_tokens = student_hidden.shape[0]
+        inv_tau = 1.0 / temperature
+        rows, vocab_tile = tile_sizes(num_tokens, weight.shape[0], memory_budget_mb)
+        need_dh = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[2] or (bias is not None and ctx.needs_input_grad[3])
+        # The gradient is formed in the forward only when it is per-row (dh alone): then the
+        # backward merely scales rows by grad_output. dW needs grad_output inside the sum.
+        dh_in_forward = need_dh and not need_dw
+        dtype = _compute_dtype(student_hidden.dtype)
+        loss = student_hidden.new_empty(num_tokens, dtype=dtype)
+        lse_s, lse_t, aux = torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss)
+        dh = student_hidden.new_empty(student_hidden.shape, dtype=dtype) if dh_in_forward else None
+        for r0 in range(0, num_tokens, rows):
+            r1 = min(r0 + rows, num_tokens)
+            out = _forward_chunk(
+                student_hidden[r0:r1], teacher_hidden[r0:r1], weight, bias, alpha, inv_tau,
+                vocab_tile, dh_in_forward,
+            )
+            loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1] = out[:4]
+            if dh_in_forward:
+                dh[r0:r1] = out[4]
+        ctx.alpha, ctx.inv_tau, ctx.tiles = alpha, inv_tau, (rows, vocab_tile)
+        ctx.dh_in_forward, ctx.student_dtype = dh_in_forward, student_hidden.dtype
+        if dh_in_forward:
+            ctx.save_for_backward(dh)
+        elif need_dh or need_dw:
+            ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, lse_s, lse_t, aux)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # grad_loss: [N] dLoss/d(per-token divergence)
+        grad_loss = grad_loss.to(torch.float64 if ctx.student_dtype == torch.float64 else torch.float32)
+        if ctx.dh_in_forward:
+            (dh,) = ctx.saved_tensors
+            return (dh * grad_loss[:, None]).to(ctx.student_dtype), None, None, None, None, None, None
+        h_s, h_t, weight, bias, lse_s, lse_t, aux = ctx.saved_tensors
+        rows, vocab_tile = ctx.tiles
+        need_dh = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[2]
+        need_db = bias is not None and ctx.needs_input_grad[3]
+        dtype = lse_s.dtype
+        dh = h_s.new_zeros(h_s.shape, dtype=dtype) if need_dh else None
+        dw = weight.new_zeros(weight.shape, dtype=dtype) if need_dw else None
+        db = weight.new_zeros(weight.shape[0], dtype=dtype) if need_db else None
+        for r0 in range(0, h_s.shape[0], rows):
+            r1 = min(r0 + rows, h_s.shape[0])
+            n = r1 - r0
+            h_both = torch.cat([h_s[r0:r1], h_t[r0:r1]]).to(dtype)
+            go = grad_loss[r0:r1] * ctx.inv_tau  # fold 1/tau of dz/dh and dz/dW into the row scale
+            for v0 in range(0, weight.shape[0], vocab_tile):
+                v1 = min(v0 + vocab_tile, weight.shape[0])
+                z_both, w_tile = _logit_tile(h_both, weight, bias, v0, v1, ctx.inv_tau)
+                g = _grad_tile(z_both[:n], z_both[n:], lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1], ctx.alpha)
+                g.mul_(go[:, None])  # [R, Vt]
+                if dh is not None:
+                    dh[r0:r1].addmm_(g, w_tile)
+                if dw is not None:
+                    dw[v0:v1].addmm_(g.T, h_both[:n])
+                if db is not None:
+                    db[v0:v1] += g.sum(0)
+        return (
+            None if dh is None else dh.to(h_s.dtype),
+            None,
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def torch_token_losses(
+    student_hidden: torch.Tensor,  # [N, D]
+    teacher_hidden: torch.Tensor,  # [N, D], a constant (never receives a gradient)
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None = None,  # [V]
+    *,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+) -> torch.Tensor:  # [N] fp32 (fp64 for fp64 inputs)
+    """Per-token divergences without [N, V] logits; differentiable w.r.t. h_s, W, bias."""
+    teacher_hidden = teacher_hidden.detach()
+    grad_wanted = torch.is_grad_enabled() and (
+        student_hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not grad_wanted:
+        with torch.no_grad():
+            rows, vocab_tile = tile_sizes(student_hidden.shape[0], weight.shape[0], memory_budget_mb)
+            losses = [
+                _forward_chunk(
+                    student_hidden[r0 : r0 + rows], teacher_hidden[r0 : r0 + rows], weight, bias,
+                    alpha, 1.0 / temperature, vocab_tile, False,
+                )[0]
+                for r0 in range(0, student_hidden.shape[0], rows)
+            ]
+            if not losses:
+                return student_hidden.new_zeros(0, dtype=_compute_dtype(student_hidden.dtype))
+            return torch.cat(losses)
+    return ChunkedSelfDistill.apply(
+        student_hidden, teacher_hidden, weight, bias, float(alpha), float(temperature), memory_budget_mb
+    )
