@@ -32,9 +32,7 @@ def divergence_from_logits(
     if alpha == 1.0:
         return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
     # log M = logsumexp(log p_s + log(1 - alpha), log p_t + log(alpha))
-    log_m = torch.logsumexp(
-        torch.stack([log_p_s + math.log(1.0 - alpha), log_p_t + math.log(alpha)]), dim=0
-    )
+    log_m = torch.logsumexp(torch.stack([log_p_s + math.log(1.0 - alpha), log_p_t + math.log(alpha)]), dim=0)
     kl_t_m = (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
     kl_s_m = (log_p_s.exp() * (log_p_s - log_m)).sum(-1)
     return alpha * kl_t_m + (1.0 - alpha) * kl_s_m

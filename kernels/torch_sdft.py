@@ -208,8 +208,14 @@ class ChunkedSelfDistill(torch.autograd.Function):
         for r0 in range(0, num_tokens, rows):
             r1 = min(r0 + rows, num_tokens)
             out = _forward_chunk(
-                student_hidden[r0:r1], teacher_hidden[r0:r1], weight, bias, alpha, inv_tau,
-                vocab_tile, dh_in_forward,
+                student_hidden[r0:r1],
+                teacher_hidden[r0:r1],
+                weight,
+                bias,
+                alpha,
+                inv_tau,
+                vocab_tile,
+                dh_in_forward,
             )
             loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1] = out[:4]
             if dh_in_forward:
@@ -285,8 +291,14 @@ def torch_token_losses(
             rows, vocab_tile = tile_sizes(student_hidden.shape[0], weight.shape[0], memory_budget_mb)
             losses = [
                 _forward_chunk(
-                    student_hidden[r0 : r0 + rows], teacher_hidden[r0 : r0 + rows], weight, bias,
-                    alpha, 1.0 / temperature, vocab_tile, False,
+                    student_hidden[r0 : r0 + rows],
+                    teacher_hidden[r0 : r0 + rows],
+                    weight,
+                    bias,
+                    alpha,
+                    1.0 / temperature,
+                    vocab_tile,
+                    False,
                 )[0]
                 for r0 in range(0, student_hidden.shape[0], rows)
             ]
