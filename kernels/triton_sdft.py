@@ -1,0 +1,800 @@
+"""Vocabulary-tiled Triton kernels for the fused linear self-distillation loss.
+
+Same semantics as ``sdft_kernels.reference.reference_token_losses`` (read it for the formulas),
+without ever holding [N, V] or [chunk, V] logits: each program computes [BLOCK_N, BLOCK_V]
+logit tiles of the student and the teacher in fp32 ``tl.dot`` accumulators (looping over D in
+BLOCK_D chunks) and folds them into per-token statistics straight away.
+
+Per token (z_s = (W h_s + b) / tau, z_t = (W h_t + b) / tau):
+
+    m_s, l_s = running max of z_s, sum exp(z_s - m_s)        (likewise m_t, l_t)
+    A = sum exp(z_s - m_s) (z_s - z_t)                      (reverse KL, alpha = 1)
+    B = sum exp(z_t - m_t) (z_t - z_s)                      (forward KL, alpha = 0)
+    lse = m + log l
+    reverse KL(S||T) = A / l_s - (lse_s - lse_t)
+    forward KL(T||S) = B / l_t - (lse_t - lse_s)
+
+``lse_s - lse_t`` is formed as ``(m_s - m_t) + (log l_s - log l_t)`` so that two large
+log-sum-exps (~30 for LLM logits) never cancel in fp32 when the divergence is ~1e-3.
+The generalized JSD (0 < alpha < 1) needs both lse before it can weigh anything, so it takes a
+statistics sweep and then a loss sweep.
+
+Kernels and their grids:
+
+* ``_sdft_stats_kernel``   grid (row blocks, vocabulary splits): partial m, l (and A or B) of
+  each split, written to [S, N] buffers and merged in torch in a fixed order (deterministic, no
+  atomics). Splits give enough programs when N is small.
+* ``_sdft_jsd_loss_kernel`` same grid: partial KL(T||M) and KL(S||M) from the merged lse.
+* ``_sdft_grad_hidden_kernel`` grid (row blocks,): recomputes both logit tiles from the three
+  stored floats per token, forms g = dLoss/dz_s for the tile and accumulates
+  sum_v g[n, v] W[v, :] into the program's own rows of an fp32 [N, D] buffer (read-modify-write
+  over D chunks; no other program touches those rows). The per-token incoming gradient and
+  1/tau scale the rows afterwards.
+* ``_sdft_grad_weight_kernel`` grid (vocabulary tiles,): only when W or b requires grad; each
+  program owns its BLOCK_V rows of dW (fp32 read-modify-write) and of dbias (registers), looping
+  over all row blocks.
+
+Extra memory: O(S * N) floats of statistics, 3 floats per token saved for backward, one fp32
+[N, D] buffer for dh when the inputs are not fp32, one fp32 [V, D] buffer for dW when W trains in
+a lower precision. Pointers are formed from int64 row/column indices (N*V and V*D pass 2^31).
+
+Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests): the interpreter's
+``tl.dot`` cannot multiply bfloat16 (it stores them as uint16), so on CPU the dot operands are
+upcast to fp32 first — exact, since bf16 x bf16 products are exact in fp32 as on tensor cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+# Divergence selected by alpha (constexpr MODE of the kernels).
+MODE_FORWARD_KL = 0  # alpha == 0: KL(T || S)
+MODE_REVERSE_KL = 1  # alpha == 1: KL(S || T)
+MODE_JSD = 2  # 0 < alpha < 1: alpha KL(T || M) + (1 - alpha) KL(S || M), M = (1 - alpha) S + alpha T
+
+# Logit of a vocabulary column past V: exp(MASKED_LOGIT - anything real) == 0, and the
+# difference of two masked logits is exactly 0 (no inf - inf = nan on any path).
+MASKED_LOGIT = -1.0e30
+
+# Block configurations, tried in order on CUDA until one compiles and launches (a config that
+# runs out of shared memory or registers on some GPU falls through to a smaller one). Two
+# [64, 128] fp32 accumulators (student and teacher) plus the operand pipeline fit Hopper with
+# 8 warps; the second and third entries are conservative fallbacks.
+CUDA_CONFIGS = (
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
+    dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
+)
+# Under the CPU interpreter every block op is a Python-level numpy call, so time grows with the
+# number of tiles: moderate blocks keep the tests fast while the test shapes (N=37, D=33,
+# V=301, ...) still span several ragged row, D and vocabulary tiles.
+INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=1, num_stages=1)
+# On CUDA, aim for this many programs per SM in the split (forward) sweeps.
+PROGRAMS_PER_SM = 4
+# On CPU (interpreter) use a few splits so that the merge path is always exercised.
+INTERPRETER_SPLITS = 3
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _student_teacher_logits(
+    student_ptr,  # [N, D] student hidden states, row stride stride_h_n, unit column stride
+    teacher_ptr,  # [N, D] teacher hidden states, same strides
+    weight_ptr,  # [V, D] LM head
+    bias_ptr,  # [V] LM head bias (read only when HAS_BIAS)
+    rows,  # [BLOCK_N] int64 token indices
+    row_mask,  # [BLOCK_N] rows < N
+    cols,  # [BLOCK_V] int64 vocabulary indices
+    col_mask,  # [BLOCK_V] cols < V
+    D,
+    stride_h_n,
+    stride_w_v,
+    stride_w_d,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    # z_s = (h_s W^T + b) / tau, z_t = (h_t W^T + b) / tau for one [BLOCK_N, BLOCK_V] tile,
+    # accumulated in fp32 over D (never rounded to the input dtype). Columns past V get
+    # MASKED_LOGIT; rows past N read zeros (finite logits, never stored by the callers).
+    acc_s = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        ds = d_start + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        h_offsets = rows[:, None] * stride_h_n + ds[None, :]  # [BLOCK_N, BLOCK_D]
+        h_mask = row_mask[:, None] & d_mask[None, :]
+        h_s = tl.load(student_ptr + h_offsets, mask=h_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        h_t = tl.load(teacher_ptr + h_offsets, mask=h_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        w_offsets = cols[None, :] * stride_w_v + ds[:, None] * stride_w_d  # [BLOCK_D, BLOCK_V]
+        w_t = tl.load(weight_ptr + w_offsets, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+        if DOT_IN_FP32:
+            h_s = h_s.to(tl.float32)
+            h_t = h_t.to(tl.float32)
+            w_t = w_t.to(tl.float32)
+        acc_s = tl.dot(h_s, w_t, acc_s, input_precision=DOT_PRECISION)
+        acc_t = tl.dot(h_t, w_t, acc_t, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)  # [BLOCK_V]
+        acc_s += bias[None, :]
+        acc_t += bias[None, :]
+    z_s = tl.where(col_mask[None, :], acc_s * inv_temperature, MASKED_LOGIT)
+    z_t = tl.where(col_mask[None, :], acc_t * inv_temperature, MASKED_LOGIT)
+    return z_s, z_t
+
+
+@triton.jit
+def _grad_student_logits(
+    z_s,  # [BLOCK_N, BLOCK_V] student logits / tau
+    z_t,  # [BLOCK_N, BLOCK_V] teacher logits / tau
+    lse_s,  # [BLOCK_N] student log-sum-exp
+    lse_t,  # [BLOCK_N] teacher log-sum-exp
+    aux,  # [BLOCK_N] reverse KL: E_s[z_s - z_t]; JSD: KL(S || M); forward KL: unused
+    alpha,
+    log_one_minus_alpha,
+    log_alpha,
+    MODE: tl.constexpr,
+):
+    # g = dLoss/dz_s for one tile (before the incoming gradient and 1/tau).
+    log_p_s = z_s - lse_s[:, None]
+    p_s = tl.exp(log_p_s)
+    if MODE == 0:
+        # forward KL = sum p_t (log p_t - log p_s): d/dz_s = p_s - p_t
+        g = p_s - tl.exp(z_t - lse_t[:, None])
+    elif MODE == 1:
+        # reverse KL = sum p_s (log p_s - log p_t); d/dz_s = p_s ((log p_s - log p_t) - KL).
+        # With log p_s - log p_t = (z_s - z_t) - (lse_s - lse_t) and
+        # KL = E_s[z_s - z_t] - (lse_s - lse_t), the lse terms cancel exactly:
+        #   g = p_s ((z_s - z_t) - E_s[z_s - z_t])
+        g = p_s * ((z_s - z_t) - aux[:, None])
+    else:
+        # JSD: d/dp_s of alpha KL(T||M) + (1 - alpha) KL(S||M) is (1 - alpha)(log p_s - log m)
+        # (the 1/m terms cancel); the softmax Jacobian subtracts its p_s-weighted mean,
+        # (1 - alpha) KL(S||M):  g = (1 - alpha) p_s (log p_s - log m - KL(S||M)),
+        # log m = logsumexp(log p_s + log(1 - alpha), log p_t + log(alpha)).
+        x = log_p_s + log_one_minus_alpha
+        y = z_t - lse_t[:, None] + log_alpha
+        hi = tl.maximum(x, y)
+        log_m = hi + tl.log(1.0 + tl.exp(tl.minimum(x, y) - hi))
+        g = (1.0 - alpha) * p_s * (log_p_s - log_m - aux[:, None])
+    return g
+
+
+@triton.jit
+def _sdft_stats_kernel(
+    student_ptr,  # [N, D] student hidden states
+    teacher_ptr,  # [N, D] teacher hidden states
+    weight_ptr,  # [V, D] LM head
+    bias_ptr,  # [V] bias (HAS_BIAS) or any pointer
+    max_s_ptr,  # [S, N] fp32 out: per-split max of z_s
+    sum_s_ptr,  # [S, N] fp32 out: per-split sum exp(z_s - max_s)
+    max_t_ptr,  # [S, N] fp32 out: per-split max of z_t
+    sum_t_ptr,  # [S, N] fp32 out: per-split sum exp(z_t - max_t)
+    cross_ptr,  # [S, N] fp32 out: A (MODE 1) or B (MODE 0) of the split, relative to its own max
+    N,
+    V,
+    D,
+    stride_h_n,
+    stride_w_v,
+    stride_w_d,
+    inv_temperature,
+    columns_per_split,  # a multiple of BLOCK_V
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    row_mask = rows < N
+    v_begin = pid_split.to(tl.int64) * columns_per_split
+    v_end = tl.minimum(v_begin + columns_per_split, V)
+
+    max_s = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    max_t = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    sum_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    cross = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v_start in range(v_begin, v_end, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)  # [BLOCK_V] int64
+        col_mask = cols < V
+        z_s, z_t = _student_teacher_logits(
+            student_ptr, teacher_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, D,
+            stride_h_n, stride_w_v, stride_w_d, inv_temperature,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_IN_FP32,
+        )  # fmt: skip
+        # Online softmax: when the max moves m -> m', old sums scale by exp(m - m'). Every
+        # split holds >= 1 real column, so m' is finite and exp(-inf - m') = 0 on the first tile.
+        new_max_s = tl.maximum(max_s, tl.max(z_s, axis=1))
+        new_max_t = tl.maximum(max_t, tl.max(z_t, axis=1))
+        rescale_s = tl.exp(max_s - new_max_s)
+        rescale_t = tl.exp(max_t - new_max_t)
+        exp_s = tl.exp(z_s - new_max_s[:, None])  # [BLOCK_N, BLOCK_V], 0 on masked columns
+        exp_t = tl.exp(z_t - new_max_t[:, None])
+        sum_s = sum_s * rescale_s + tl.sum(exp_s, axis=1)
+        sum_t = sum_t * rescale_t + tl.sum(exp_t, axis=1)
+        # Masked columns: z_s - z_t == 0 exactly, so they add nothing to A or B.
+        if MODE == 0:
+            # B = sum exp(z_t - m_t) (z_t - z_s)
+            cross = cross * rescale_t + tl.sum(exp_t * (z_t - z_s), axis=1)
+        elif MODE == 1:
+            # A = sum exp(z_s - m_s) (z_s - z_t)
+            cross = cross * rescale_s + tl.sum(exp_s * (z_s - z_t), axis=1)
+        max_s = new_max_s
+        max_t = new_max_t
+
+    out = pid_split.to(tl.int64) * N + rows  # [BLOCK_N] offsets into the [S, N] buffers
+    tl.store(max_s_ptr + out, max_s, mask=row_mask)
+    tl.store(sum_s_ptr + out, sum_s, mask=row_mask)
+    tl.store(max_t_ptr + out, max_t, mask=row_mask)
+    tl.store(sum_t_ptr + out, sum_t, mask=row_mask)
+    if MODE != 2:
+        tl.store(cross_ptr + out, cross, mask=row_mask)
+
+
+@triton.jit
+def _sdft_jsd_loss_kernel(
+    student_ptr,  # [N, D] student hidden states
+    teacher_ptr,  # [N, D] teacher hidden states
+    weight_ptr,  # [V, D] LM head
+    bias_ptr,  # [V] bias (HAS_BIAS) or any pointer
+    lse_s_ptr,  # [N] fp32 merged student log-sum-exp
+    lse_t_ptr,  # [N] fp32 merged teacher log-sum-exp
+    kl_t_m_ptr,  # [S, N] fp32 out: per-split sum p_t (log p_t - log m)
+    kl_s_m_ptr,  # [S, N] fp32 out: per-split sum p_s (log p_s - log m)
+    N,
+    V,
+    D,
+    stride_h_n,
+    stride_w_v,
+    stride_w_d,
+    inv_temperature,
+    log_one_minus_alpha,
+    log_alpha,
+    columns_per_split,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    v_begin = pid_split.to(tl.int64) * columns_per_split
+    v_end = tl.minimum(v_begin + columns_per_split, V)
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)  # [BLOCK_N]
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+
+    kl_t_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kl_s_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v_start in range(v_begin, v_end, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z_s, z_t = _student_teacher_logits(
+            student_ptr, teacher_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, D,
+            stride_h_n, stride_w_v, stride_w_d, inv_temperature,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_IN_FP32,
+        )  # fmt: skip
+        log_p_s = z_s - lse_s[:, None]
+        log_p_t = z_t - lse_t[:, None]
+        # log m = log((1 - alpha) p_s + alpha p_t), as a two-term logsumexp
+        x = log_p_s + log_one_minus_alpha
+        y = log_p_t + log_alpha
+        hi = tl.maximum(x, y)
+        log_m = hi + tl.log(1.0 + tl.exp(tl.minimum(x, y) - hi))
+        # KL(T||M) += sum p_t (log p_t - log m); KL(S||M) += sum p_s (log p_s - log m)
+        term_t = tl.where(col_mask[None, :], tl.exp(log_p_t) * (log_p_t - log_m), 0.0)
+        term_s = tl.where(col_mask[None, :], tl.exp(log_p_s) * (log_p_s - log_m), 0.0)
+        kl_t_m += tl.sum(term_t, axis=1)
+        kl_s_m += tl.sum(term_s, axis=1)
+
+    out = pid_split.to(tl.int64) * N + rows
+    tl.store(kl_t_m_ptr + out, kl_t_m, mask=row_mask)
+    tl.store(kl_s_m_ptr + out, kl_s_m, mask=row_mask)
+
+
+@triton.jit
+def _sdft_grad_hidden_kernel(
+    student_ptr,  # [N, D] student hidden states
+    teacher_ptr,  # [N, D] teacher hidden states
+    weight_ptr,  # [V, D] LM head
+    bias_ptr,  # [V] bias (HAS_BIAS) or any pointer
+    lse_s_ptr,  # [N] fp32 student log-sum-exp (from the forward)
+    lse_t_ptr,  # [N] fp32 teacher log-sum-exp
+    aux_ptr,  # [N] fp32 reverse KL: E_s[z_s - z_t]; JSD: KL(S||M); forward KL: unused
+    grad_hidden_ptr,  # [N, D] fp32 in/out, zero-initialised: sum_v g[n, v] W[v, :]
+    N,
+    V,
+    D,
+    stride_h_n,
+    stride_w_v,
+    stride_w_d,
+    inv_temperature,
+    alpha,
+    log_one_minus_alpha,
+    log_alpha,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    # dh[n, :] = sum_v g[n, v] W[v, :]  (the caller scales row n by grad_output[n] / tau).
+    # This program owns rows [pid * BLOCK_N, +BLOCK_N) of grad_hidden: plain read-modify-write,
+    # deterministic, no atomics.
+    pid_n = tl.program_id(0)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+    aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
+
+    for v_start in range(0, V, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        z_s, z_t = _student_teacher_logits(
+            student_ptr, teacher_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, D,
+            stride_h_n, stride_w_v, stride_w_d, inv_temperature,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_IN_FP32,
+        )  # fmt: skip
+        g = _grad_student_logits(z_s, z_t, lse_s, lse_t, aux, alpha, log_one_minus_alpha, log_alpha, MODE)
+        # Rows past N read lse = 0 and may overflow; masked columns must add nothing.
+        g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+        # g enters the GEMM in the weight's dtype (tensor cores; |g| <= ~1 so no underflow
+        # worries: the per-row incoming gradient is applied after the sum).
+        g_op = g.to(weight_ptr.dtype.element_ty)
+        if DOT_IN_FP32:
+            g_op = g_op.to(tl.float32)
+        for d_start in range(0, D, BLOCK_D):
+            ds = d_start + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            w = tl.load(
+                weight_ptr + cols[:, None] * stride_w_v + ds[None, :] * stride_w_d,
+                mask=col_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_V, BLOCK_D]
+            if DOT_IN_FP32:
+                w = w.to(tl.float32)
+            dh_ptrs = grad_hidden_ptr + rows[:, None] * D + ds[None, :]  # [BLOCK_N, BLOCK_D]
+            dh_mask = row_mask[:, None] & d_mask[None, :]
+            dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
+            dh = tl.dot(g_op, w, dh, input_precision=DOT_PRECISION)
+            tl.store(dh_ptrs, dh, mask=dh_mask)
+
+
+@triton.jit
+def _sdft_grad_weight_kernel(
+    student_ptr,  # [N, D] student hidden states
+    teacher_ptr,  # [N, D] teacher hidden states
+    weight_ptr,  # [V, D] LM head
+    bias_ptr,  # [V] bias (HAS_BIAS) or any pointer
+    lse_s_ptr,  # [N] fp32 student log-sum-exp
+    lse_t_ptr,  # [N] fp32 teacher log-sum-exp
+    aux_ptr,  # [N] fp32 (see _sdft_grad_hidden_kernel)
+    row_scale_ptr,  # [N] fp32 grad_output / tau
+    grad_weight_ptr,  # [V, D] fp32 in/out, zero-initialised (written when GRAD_WEIGHT)
+    grad_bias_ptr,  # [V] fp32 out (written when GRAD_BIAS)
+    N,
+    V,
+    D,
+    stride_h_n,
+    stride_w_v,
+    stride_w_d,
+    inv_temperature,
+    alpha,
+    log_one_minus_alpha,
+    log_alpha,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GRAD_WEIGHT: tl.constexpr,
+    GRAD_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    # dW[v, :] = sum_n r[n] g[n, v] h_s[n, :],  dbias[v] = sum_n r[n] g[n, v],  r = grad_out / tau.
+    # This program owns vocabulary rows [pid * BLOCK_V, +BLOCK_V) and loops over all tokens.
+    pid_v = tl.program_id(0)
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    grad_bias = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for n_start in range(0, N, BLOCK_N):
+        rows = n_start + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_mask = rows < N
+        lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
+        lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+        aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
+        row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+        z_s, z_t = _student_teacher_logits(
+            student_ptr, teacher_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, D,
+            stride_h_n, stride_w_v, stride_w_d, inv_temperature,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_IN_FP32,
+        )  # fmt: skip
+        g = _grad_student_logits(z_s, z_t, lse_s, lse_t, aux, alpha, log_one_minus_alpha, log_alpha, MODE)
+        # The row scale multiplies along the contraction dimension here, so it goes in before
+        # the GEMM; tl.where keeps rows past N (and masked columns) at exactly 0.
+        g = tl.where(row_mask[:, None] & col_mask[None, :], g * row_scale[:, None], 0.0)
+        if GRAD_BIAS:
+            grad_bias += tl.sum(g, axis=0)
+        if GRAD_WEIGHT:
+            g_op = tl.trans(g.to(weight_ptr.dtype.element_ty))  # [BLOCK_V, BLOCK_N]
+            if DOT_IN_FP32:
+                g_op = g_op.to(tl.float32)
+            for d_start in range(0, D, BLOCK_D):
+                ds = d_start + tl.arange(0, BLOCK_D)
+                d_mask = ds < D
+                h_s = tl.load(
+                    student_ptr + rows[:, None] * stride_h_n + ds[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # [BLOCK_N, BLOCK_D]
+                if DOT_IN_FP32:
+                    h_s = h_s.to(tl.float32)
+                dw_ptrs = grad_weight_ptr + cols[:, None] * D + ds[None, :]  # [BLOCK_V, BLOCK_D]
+                dw_mask = col_mask[:, None] & d_mask[None, :]
+                dw = tl.load(dw_ptrs, mask=dw_mask, other=0.0)
+                dw = tl.dot(g_op, h_s, dw, input_precision=DOT_PRECISION)
+                tl.store(dw_ptrs, dw, mask=dw_mask)
+    if GRAD_BIAS:
+        tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+# Index into CUDA_CONFIGS of the first config that compiled and launched, per (phase, device,
+# dtype, mode, flags): later calls start there instead of retrying configs known to fail.
+_WORKING_CONFIG: dict[tuple, int] = {}
+
+
+def _with_config(phase_key: tuple, device: torch.device, run):
+    """``run(config)`` with the first block config that compiles and launches on ``device``.
+
+    ``run`` allocates its own buffers and launches the phase's kernels, so a retry starts from
+    scratch. Compile errors and out-of-resources errors happen before a kernel writes anything.
+    The interpreter (CPU tensors) always uses INTERPRETER_CONFIG.
+    """
+    if device.type != "cuda":
+        return run(INTERPRETER_CONFIG)
+    key = (*phase_key, device.index)
+    first = _WORKING_CONFIG.get(key, 0)
+    for index in range(first, len(CUDA_CONFIGS)):
+        config = CUDA_CONFIGS[index]
+        try:
+            result = run(config)
+        except Exception as error:
+            if index == len(CUDA_CONFIGS) - 1:
+                raise
+            warnings.warn(
+                f"triton_sdft: {phase_key[0]} kernels failed with block config {config} "
+                f"({type(error).__name__}: {error}); retrying with a smaller config",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        _WORKING_CONFIG[key] = index
+        return result
+    raise AssertionError("unreachable: the last config re-raises")
+
+
+def _mode(alpha: float) -> int:
+    if alpha == 0.0:
+        return MODE_FORWARD_KL
+    if alpha == 1.0:
+        return MODE_REVERSE_KL
+    return MODE_JSD
+
+
+def _jsd_logs(alpha: float) -> tuple[float, float]:
+    """log(1 - alpha), log(alpha) of the mixture weights; 0.0 placeholders for the KL modes."""
+    if 0.0 < alpha < 1.0:
+        return math.log1p(-alpha), math.log(alpha)
+    return 0.0, 0.0
+
+
+def _dot_options(dtype: torch.dtype, device: torch.device) -> dict:
+    # fp32 inputs: exact fp32 products ("ieee"), like torch's default fp32 matmul (TF32 would
+    # cost ~1e-3 relative logit error). bf16/fp16 use tensor cores whatever the flag says.
+    # On CPU (the interpreter) tl.dot cannot multiply bfloat16: upcast the operands first.
+    return dict(
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        DOT_IN_FP32=device.type == "cpu",
+    )
+
+
+def _launch_meta(config: dict, device: torch.device) -> dict:
+    meta = dict(BLOCK_N=config["BLOCK_N"], BLOCK_V=config["BLOCK_V"], BLOCK_D=config["BLOCK_D"])
+    if device.type == "cuda":
+        meta.update(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return meta
+
+
+def _vocab_splits(num_row_blocks: int, num_vocab_tiles: int, device: torch.device, requested) -> int:
+    """How many vocabulary splits the forward grid uses, so that small N still fills the GPU."""
+    if requested is not None:
+        wanted = int(requested)
+    elif device.type == "cuda":
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, num_row_blocks)
+    else:
+        wanted = INTERPRETER_SPLITS
+    return max(1, min(wanted, num_vocab_tiles))
+
+
+def _forward(
+    student: torch.Tensor,  # [N, D] contiguous
+    teacher: torch.Tensor,  # [N, D] contiguous, same dtype
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None,  # [V]
+    alpha: float,
+    temperature: float,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token losses and the three floats per token that the backward recomputes from.
+
+    Returns (loss, lse_s, lse_t, aux), each [N] fp32; aux = E_s[z_s - z_t] for reverse KL,
+    KL(S||M) for the JSD, zeros for forward KL.
+    """
+    num_tokens, hidden = student.shape
+    vocab = weight.shape[0]
+    device = student.device
+    mode = _mode(alpha)
+    log_one_minus_alpha, log_alpha = _jsd_logs(alpha)
+    inv_temperature = 1.0 / temperature
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else weight  # never read when HAS_BIAS is False
+    dot = _dot_options(student.dtype, device)
+    shapes = (num_tokens, vocab, hidden, student.stride(0), weight.stride(0), weight.stride(1))
+
+    def run(config):
+        row_blocks = triton.cdiv(num_tokens, config["BLOCK_N"])
+        vocab_tiles = triton.cdiv(vocab, config["BLOCK_V"])
+        wanted = _vocab_splits(row_blocks, vocab_tiles, device, num_splits)
+        tiles_per_split = triton.cdiv(vocab_tiles, wanted)
+        splits = triton.cdiv(vocab_tiles, tiles_per_split)  # every split holds >= 1 real column
+        columns_per_split = tiles_per_split * config["BLOCK_V"]
+        meta = _launch_meta(config, device)
+
+        partial = torch.empty((5, splits, num_tokens), dtype=torch.float32, device=device)  # [5, S, N]
+        _sdft_stats_kernel[(row_blocks, splits)](
+            student, teacher, weight, bias_arg, partial[0], partial[1], partial[2], partial[3], partial[4],
+            *shapes, inv_temperature, columns_per_split,
+            MODE=mode, HAS_BIAS=has_bias, **dot, **meta,
+        )  # fmt: skip
+
+        # Merge the splits (fixed order, deterministic): with M = max_k m_k,
+        #   l = sum_k l_k exp(m_k - M), and A, B rescale with their own side's max.
+        max_s_k, sum_s_k, max_t_k, sum_t_k, cross_k = partial.unbind(0)  # each [S, N]
+        max_s = max_s_k.amax(dim=0)  # [N]
+        max_t = max_t_k.amax(dim=0)
+        rescale_s = torch.exp(max_s_k - max_s)  # [S, N]
+        rescale_t = torch.exp(max_t_k - max_t)
+        sum_s = (sum_s_k * rescale_s).sum(dim=0)  # [N]
+        sum_t = (sum_t_k * rescale_t).sum(dim=0)
+        log_sum_s, log_sum_t = torch.log(sum_s), torch.log(sum_t)
+        lse_s, lse_t = max_s + log_sum_s, max_t + log_sum_t
+        # lse_s - lse_t without cancelling two large numbers: (m_s - m_t) + (log l_s - log l_t)
+        lse_gap = (max_s - max_t) + (log_sum_s - log_sum_t)
+
+        if mode == MODE_FORWARD_KL:
+            # KL(T||S) = B / l_t - (lse_t - lse_s)
+            cross = (cross_k * rescale_t).sum(dim=0)
+            loss = cross / sum_t + lse_gap
+            aux = torch.zeros_like(loss)
+        elif mode == MODE_REVERSE_KL:
+            # KL(S||T) = A / l_s - (lse_s - lse_t); the backward needs E_s[z_s - z_t] = A / l_s
+            aux = (cross_k * rescale_s).sum(dim=0) / sum_s
+            loss = aux - lse_gap
+        else:
+            kl = torch.empty((2, splits, num_tokens), dtype=torch.float32, device=device)  # [2, S, N]
+            _sdft_jsd_loss_kernel[(row_blocks, splits)](
+                student, teacher, weight, bias_arg, lse_s, lse_t, kl[0], kl[1],
+                *shapes, inv_temperature, log_one_minus_alpha, log_alpha, columns_per_split,
+                HAS_BIAS=has_bias, **dot, **meta,
+            )  # fmt: skip
+            kl_t_m, kl_s_m = kl.sum(dim=1).unbind(0)  # [N] each
+            loss = alpha * kl_t_m + (1.0 - alpha) * kl_s_m
+            aux = kl_s_m
+        return loss, lse_s, lse_t, aux
+
+    return _with_config(("forward", student.dtype, mode, has_bias), device, run)
+
+
+def _backward(
+    student: torch.Tensor,  # [N, D]
+    teacher: torch.Tensor,  # [N, D]
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None,  # [V]
+    lse_s: torch.Tensor,  # [N] fp32
+    lse_t: torch.Tensor,  # [N] fp32
+    aux: torch.Tensor,  # [N] fp32
+    grad_loss: torch.Tensor,  # [N] dLoss / d per-token divergence
+    alpha: float,
+    temperature: float,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+):
+    """(d student_hidden, d weight, d bias), each None unless asked for."""
+    num_tokens, hidden = student.shape
+    vocab = weight.shape[0]
+    device = student.device
+    mode = _mode(alpha)
+    log_one_minus_alpha, log_alpha = _jsd_logs(alpha)
+    inv_temperature = 1.0 / temperature
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else weight
+    dot = _dot_options(student.dtype, device)
+    shapes = (num_tokens, vocab, hidden, student.stride(0), weight.stride(0), weight.stride(1))
+    # dz_s = grad_loss[n] * g / tau; grad_loss may arrive expanded (stride 0) or in any dtype.
+    row_scale = (grad_loss.to(torch.float32) * inv_temperature).contiguous()  # [N]
+    grad_hidden = grad_weight = grad_bias = None
+
+    if need_hidden:
+
+        def run_hidden(config):
+            summed = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)  # [N, D]
+            _sdft_grad_hidden_kernel[(triton.cdiv(num_tokens, config["BLOCK_N"]),)](
+                student, teacher, weight, bias_arg, lse_s, lse_t, aux, summed,
+                *shapes, inv_temperature, alpha, log_one_minus_alpha, log_alpha,
+                MODE=mode, HAS_BIAS=has_bias, **dot, **_launch_meta(config, device),
+            )  # fmt: skip
+            return summed
+
+        summed = _with_config(("grad_hidden", student.dtype, mode, has_bias), device, run_hidden)
+        # dh = (grad_loss / tau) * sum_v g W_v, applied per row after the sum (no underflow of
+        # tiny row scales inside the low-precision GEMM operands).
+        grad_hidden = summed.mul_(row_scale[:, None]).to(student.dtype)
+
+    if need_weight or need_bias:
+
+        def run_weight(config):
+            dw = (
+                torch.zeros((vocab, hidden), dtype=torch.float32, device=device)  # [V, D]
+                if need_weight
+                else row_scale
+            )
+            db = torch.empty((vocab,), dtype=torch.float32, device=device) if need_bias else row_scale
+            _sdft_grad_weight_kernel[(triton.cdiv(vocab, config["BLOCK_V"]),)](
+                student, teacher, weight, bias_arg, lse_s, lse_t, aux, row_scale, dw, db,
+                *shapes, inv_temperature, alpha, log_one_minus_alpha, log_alpha,
+                MODE=mode, HAS_BIAS=has_bias, GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias,
+                **dot, **_launch_meta(config, device),
+            )  # fmt: skip
+            return dw, db
+
+        dw, db = _with_config(
+            ("grad_weight", student.dtype, mode, has_bias, need_weight, need_bias), device, run_weight
+        )
+        if need_weight:
+            grad_weight = dw.to(weight.dtype)
+        if need_bias:
+            grad_bias = db.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class TritonSelfDistillFunction(torch.autograd.Function):
+    """Per-token divergences [N] with a recompute backward (three floats saved per token)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weight, bias, alpha: float, temperature: float, num_splits):
+        loss, lse_s, lse_t, aux = _forward(student, teacher, weight, bias, alpha, temperature, num_splits)
+        ctx.save_for_backward(student, teacher, weight, bias, lse_s, lse_t, aux)
+        ctx.alpha = alpha
+        ctx.temperature = temperature
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        student, teacher, weight, bias, lse_s, lse_t, aux = ctx.saved_tensors
+        need_hidden, _, need_weight, need_bias = ctx.needs_input_grad[:4]
+        grad_hidden, grad_weight, grad_bias = _backward(
+            student, teacher, weight, bias, lse_s, lse_t, aux, grad_loss, ctx.alpha, ctx.temperature,
+            need_hidden, need_weight, need_bias and bias is not None,
+        )  # fmt: skip
+        # The teacher is a constant: no gradient, even when the tensor passed in requires one.
+        return grad_hidden, None, grad_weight, grad_bias, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(student_hidden, teacher_hidden, weight, bias, alpha, temperature) -> None:
+    def fail(message):
+        raise ValueError(f"triton_token_losses: {message}")
+
+    if student_hidden.dim() != 2:
+        fail(f"student_hidden must be [N, D], got shape {tuple(student_hidden.shape)}")
+    if teacher_hidden.shape != student_hidden.shape:
+        fail(
+            f"teacher_hidden shape {tuple(teacher_hidden.shape)} != student_hidden shape "
+            f"{tuple(student_hidden.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[1]:
+        fail(f"weight must be [V, D={student_hidden.shape[1]}], got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        fail(f"bias must be [V={weight.shape[0]}], got shape {tuple(bias.shape)}")
+    if student_hidden.dtype not in SUPPORTED_DTYPES:
+        fail(f"student_hidden dtype {student_hidden.dtype} is not one of {SUPPORTED_DTYPES}")
+    for name, tensor in (("teacher_hidden", teacher_hidden), ("weight", weight)):
+        if tensor.dtype != student_hidden.dtype:
+            fail(f"{name} dtype {tensor.dtype} != student_hidden dtype {student_hidden.dtype}")
+    if bias is not None and not bias.dtype.is_floating_point:
+        fail(f"bias dtype {bias.dtype} is not a floating point type")
+    for name, tensor in (("teacher_hidden", teacher_hidden), ("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.device != student_hidden.device:
+            fail(f"{name} is on {tensor.device}, student_hidden on {student_hidden.device}")
+    if not 0.0 <= alpha <= 1.0:
+        fail(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0.0 or not math.isfinite(temperature):
+        fail(f"temperature must be a finite number > 0, got {temperature}")
+    device = student_hidden.device
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        fail("CPU tensors need TRITON_INTERPRET=1 (set before triton is imported); use CUDA tensors")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"unsupported device {device}")
+
+
+def triton_token_losses(
+    student_hidden: torch.Tensor,  # [N, D]
+    teacher_hidden: torch.Tensor,  # [N, D] (a constant: never receives a gradient)
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None = None,  # [V]
+    *,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    num_splits: int | None = None,
+) -> torch.Tensor:  # [N] float32
+    """Per-token divergence between the student's and the teacher's next-token distributions.
+
+    ``alpha`` 0: forward KL(T||S); 1: reverse KL(S||T); between: generalized JSD with mixture
+    (1 - alpha) S + alpha T. Logits are (W h + b) / temperature, computed tile by tile in fp32
+    and never stored. Gradients flow to ``student_hidden`` and, when they require grad, to
+    ``weight`` and ``bias``; ``teacher_hidden`` is treated as a constant even if it requires grad.
+    With grad disabled (or nothing requiring grad) only the forward sweep runs and nothing is
+    saved. ``num_splits`` overrides the number of vocabulary splits of the forward (tests).
+    """
+    alpha, temperature = float(alpha), float(temperature)
+    _check_inputs(student_hidden, teacher_hidden, weight, bias, alpha, temperature)
+    student = student_hidden.contiguous()
+    teacher = teacher_hidden.detach().contiguous()
+    if student.shape[0] == 0:
+        return (student.sum(dim=1) * 0.0).float()  # [0], still attached to the graph
+    needs_grad = torch.is_grad_enabled() and (
+        student.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        with torch.no_grad():
+            return _forward(student, teacher, weight, bias, alpha, temperature, num_splits)[0]
+    return TritonSelfDistillFunction.apply(student, teacher, weight, bias, alpha, temperature, num_splits)
