@@ -1,0 +1,436 @@
+"""Evaluation: new-task accuracy, retention probes and KL drift from the starting model.
+
+- `answer_matches`: an answer counts when its normalised form is a whole-word span of the normalised
+  prediction (case, whitespace and punctuation ignored).
+- `evaluate_accuracy`: greedy answers (`generate(..., do_sample=False)`) scored by `answer_matches`.
+  Works on a `SelfDistillModel` (student adapter active), on any object with the same `generate`
+  method, and on a plain Hugging Face causal LM (wrapped by `HFGenerator`).
+- `retention_probes`: a built-in set of general questions that SmolLM2-135M-Instruct answers
+  correctly before training; forgetting shows as a drop in this accuracy.
+- `reference_logprobs` + `kl_from_reference`: the mean per-token KL(trained || start) on general
+  prompts followed by the start model's own greedy continuations. The start model's log-probs are
+  computed once before training and cached, so the comparison works the same for LoRA and for full
+  fine-tuning (nothing relies on switching adapters off).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, EncodedExample, Example, encode_prompt, teacher_prompt
+
+# ----------------------------------------------------------------------------------------------------
+# Answer matching
+# ----------------------------------------------------------------------------------------------------
+
+_DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")  # "1,200" -> "1200"
+_NON_WORD = re.compile(r"[^\w]+|_")
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case, NFKC, drop thousands separators, punctuation -> space, single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = _DIGIT_GROUP_COMMA.sub("", text)
+    return " ".join(_NON_WORD.sub(" ", text).split())
+
+
+def answer_matches(prediction: str, answers: str | Sequence[str]) -> bool:
+    """True when any answer's normalised form occurs in the normalised prediction as whole words.
+
+    "paris" matches "The capital is Paris." but not "Parisian"; "12" does not match "112".
+    """
+    if isinstance(answers, str):
+        answers = [answers]
+    normalized_prediction = f" {normalize_text(prediction)} "
+    for answer in answers:
+        normalized_answer = normalize_text(answer)
+        if not normalized_answer:
+            raise ValueError(f"answer_matches: answer {answer!r} is empty after normalisation")
+        if f" {normalized_answer} " in normalized_prediction:
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation on a plain Hugging Face model
+# ----------------------------------------------------------------------------------------------------
+
+
+class HFGenerator:
+    """The `SelfDistillModel.generate` contract on a plain HF causal LM (left-padded batch generate).
+
+    Used to evaluate a model that is not wrapped (the starting checkpoint, a merged export).
+    """
+
+    def __init__(self, hf_model):
+        self.hf_model = hf_model
+
+    @property
+    def device(self):
+        return next(self.hf_model.parameters()).device
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        if not prompts:
+            return []
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, T]
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, T]
+        for index, prompt in enumerate(prompts):
+            input_ids[index, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[index, width - len(prompt) :] = 1
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad)
+        if eos_ids:
+            kwargs["eos_token_id"] = eos_ids
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        else:
+            # Clear sampling defaults from generation_config so greedy decoding raises no warnings.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        output = self.hf_model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
+        )  # [B, width + new]
+        completions = []
+        for row in output[:, width:].tolist():
+            completion = []
+            for token in row:
+                completion.append(token)
+                if token in eos_ids:
+                    break
+            # Rows that stopped early are padded after their EOS; the loop above cut there.
+            completions.append(completion)
+        return completions
+
+
+def _as_generator(model):
+    """A plain HF model gets wrapped; anything else must already have the contract's `generate`."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        PreTrainedModel = ()
+    if isinstance(model, PreTrainedModel):
+        return HFGenerator(model)
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(f"model must have a generate(prompts, ...) method, got {type(model).__name__}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accuracy
+# ----------------------------------------------------------------------------------------------------
+
+
+def _eos_ids(tokenizer) -> int | list[int] | None:
+    return getattr(tokenizer, "eos_token_id", None)
+
+
+def evaluate_accuracy(
+    model,
+    tokenizer,
+    examples: Sequence[Example | EncodedExample],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    view: str = "student",
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE,
+    use_chat_template: bool | None = None,
+) -> dict:
+    """Greedy-decode an answer to each example and score it against `example.answers`.
+
+    view: "student" answers the bare prompt (what training should teach); "teacher" answers the teacher
+      prompt (prompt + demonstration in context), i.e. what the teacher can do in-context, an upper
+      bound for what self-distillation can transfer.
+    Returns {"accuracy", "n", "correct", "records": [{row, source, answers, prediction, correct, meta}]}.
+    """
+    if view not in ("student", "teacher"):
+        raise ValueError(f"evaluate_accuracy: view must be 'student' or 'teacher', got {view!r}")
+    if batch_size <= 0 or max_new_tokens <= 0:
+        raise ValueError(
+            f"evaluate_accuracy: batch_size and max_new_tokens must be positive, got {batch_size}, {max_new_tokens}"
+        )
+    generator = _as_generator(model)
+    prompts_ids = []
+    for index, example in enumerate(examples):
+        if not example.answers:
+            raise ValueError(
+                f"evaluate_accuracy: example {index} ({example.source}, row {example.row}) has no answer"
+            )
+        if isinstance(example, EncodedExample):
+            ids = example.teacher_prompt_ids if view == "teacher" else example.student_prompt_ids
+        else:
+            prompt = example.prompt
+            if view == "teacher":
+                prompt = teacher_prompt(example.prompt, example.demonstration, teacher_template)
+            ids = encode_prompt(tokenizer, prompt, use_chat_template)
+        prompts_ids.append(ids)
+
+    eos = _eos_ids(tokenizer)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    records = []
+    for start in range(0, len(prompts_ids), batch_size):
+        batch = prompts_ids[start : start + batch_size]
+        completions = generator.generate(
+            batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
+        )
+        for offset, completion in enumerate(completions):
+            example = examples[start + offset]
+            prediction = tokenizer.decode(completion, skip_special_tokens=True)
+            records.append(
+                {
+                    "row": example.row,
+                    "source": example.source,
+                    "answers": list(example.answers),
+                    "prediction": prediction,
+                    "correct": answer_matches(prediction, example.answers),
+                    "meta": dict(example.meta),
+                }
+            )
+    correct = sum(record["correct"] for record in records)
+    return {
+        "accuracy": correct / len(records) if records else 0.0,
+        "n": len(records),
+        "correct": correct,
+        "records": records,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Retention probes
+# ----------------------------------------------------------------------------------------------------
+
+# (question, acceptable answers). Kept to questions SmolLM2-135M-Instruct answers correctly with greedy
+# decoding before any training (checked with `python -m sdft_fast.eval`), so that a drop means
+# forgetting rather than noise around a guess.
+# A few it gets wrong are kept on purpose (marked), so the set can show gains as well as losses.
+_RETENTION_PROBES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # capitals
+    ("What is the capital of France?", ("Paris",)),
+    ("What is the capital of Japan?", ("Tokyo",)),
+    ("What is the capital of Germany?", ("Berlin",)),
+    ("What is the capital of the United Kingdom?", ("London",)),
+    ("What is the capital of Egypt?", ("Cairo",)),
+    ("What is the capital of Canada?", ("Ottawa",)),
+    ("What is the capital of India?", ("New Delhi", "Delhi")),
+    ("What is the capital of Norway?", ("Oslo",)),
+    ("What is the capital of Austria?", ("Vienna",)),
+    ("What is the capital of Kenya?", ("Nairobi",)),
+    ("What is the capital of South Korea?", ("Seoul",)),
+    ("What is the capital of Italy?", ("Rome",)),  # wrong before training
+    # arithmetic
+    ("What is 2 + 2?", ("4", "four")),
+    ("What is 6 times 7?", ("42", "forty two")),
+    ("What is 1 + 1?", ("2", "two")),
+    ("What is 100 divided by 10?", ("10", "ten")),
+    ("What is 3 + 5?", ("8", "eight")),  # wrong before training
+    # common facts
+    ("How many days are in a week?", ("7", "seven")),
+    ("How many legs does a dog have?", ("4", "four")),
+    ("How many sides does a triangle have?", ("3", "three")),
+    ("What color is the sky on a clear day?", ("blue",)),
+    ("Which planet is known as the Red Planet?", ("Mars",)),
+    ("What is the chemical symbol for water?", ("H2O",)),
+    ("What is the boiling point of water in degrees Celsius?", ("100",)),
+    ("Who wrote Romeo and Juliet?", ("Shakespeare",)),
+    ("Who painted the Mona Lisa?", ("Leonardo", "da Vinci")),
+    ("What is the largest ocean on Earth?", ("Pacific",)),
+    ("What is the tallest mountain in the world?", ("Everest",)),
+    ("What is the longest river in Africa?", ("Nile",)),
+    ("What language is spoken in Brazil?", ("Portuguese",)),
+    ("What drink do cows produce?", ("milk",)),
+    ("How many legs does a spider have?", ("8", "eight")),  # wrong before training
+    # language and simple instructions
+    ("What is the opposite of hot?", ("cold",)),
+    ("What is the opposite of day?", ("night",)),
+    ("What is the plural of mouse?", ("mice",)),
+    ("What is the plural of child?", ("children",)),
+    ("Say the word hello.", ("hello",)),
+    ("Repeat this word: banana", ("banana",)),
+    ("Translate 'hello' into Spanish.", ("hola",)),
+    ("Reply with only the word yes.", ("yes",)),  # wrong before training
+)
+
+
+def retention_probes() -> list[Example]:
+    """The built-in general-knowledge probe set as `Example`s (demonstration = the canonical answer)."""
+    return [
+        Example(
+            prompt=question,
+            demonstration=answers[0],
+            answers=list(answers),
+            row=index,
+            source="<retention_probes>",
+            meta={"kind": "retention"},
+        )
+        for index, (question, answers) in enumerate(_RETENTION_PROBES, start=1)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# KL from the starting model
+# ----------------------------------------------------------------------------------------------------
+
+# Open-ended prompts: the continuation the start model writes for each is the text on which drift is
+# measured. Different from the probes on purpose: this measures the output distribution as a whole.
+GENERAL_PROMPTS: tuple[str, ...] = (
+    "Write one sentence about the ocean.",
+    "Give me a tip for sleeping better.",
+    "What is photosynthesis?",
+    "Describe a cat in a few words.",
+    "How do I boil an egg?",
+    "Name three colors of the rainbow.",
+    "Why is exercise good for health?",
+    "Tell me a fun fact about space.",
+    "What does a computer do?",
+    "Write a short greeting for a friend.",
+    "Explain what rain is.",
+    "What is the opposite of hot?",
+    "List two fruits that are red.",
+    "How many days are in a week?",
+    "What is a verb?",
+    "Suggest a name for a pet dog.",
+)
+
+
+@dataclass
+class ReferenceLogprobs:
+    """The start model's next-token log-probs on fixed sequences, cached before training.
+
+    prompts / completions: token ids (the completion is the start model's greedy continuation).
+    logprobs: [N, V] fp32 on CPU, one row per completion token, in (sequence, position) order; the row
+      for completion token j is the distribution at the position that predicts it.
+    """
+
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    logprobs: torch.Tensor  # [N, V]
+
+
+@torch.no_grad()
+def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+    """Next-token logits at every completion position, [N, V] fp32 (N = total completion tokens).
+
+    A `SelfDistillModel` goes through its contract (`forward_student` hidden states x lm_head), so its
+    student adapter is active; a plain HF model runs one forward per sequence.
+    """
+    if hasattr(model, "forward_student") and hasattr(model, "lm_head_weight"):
+        out = model.forward_student(prompts, completions)
+        hidden = out.student_hidden.float()  # [N, D]
+        logits = hidden @ model.lm_head_weight.float().T  # [N, V]
+        if model.lm_head_bias is not None:
+            logits = logits + model.lm_head_bias.float()
+        return logits
+    hf_model = getattr(model, "hf_model", model)
+    device = next(hf_model.parameters()).device
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        if not completion:
+            continue
+        ids = torch.tensor([prompt + completion], dtype=torch.long, device=device)  # [1, T]
+        logits = hf_model(input_ids=ids).logits[0].float()  # [T, V]
+        # Position t predicts token t+1: completion token j sits at len(prompt)+j.
+        rows.append(logits[len(prompt) - 1 : len(prompt) + len(completion) - 1].cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[dict]] | None = None,
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    use_chat_template: bool | None = None,
+) -> ReferenceLogprobs:
+    """Cache the start model's log-probs on general prompts + its own greedy continuations.
+
+    Call this before training; pass the result to `kl_from_reference` afterwards. Memory is
+    N x V x 4 bytes (default 16 prompts x 16 tokens x 49k vocab = 50 MB).
+    """
+    prompts = list(prompts) if prompts is not None else list(GENERAL_PROMPTS)
+    prompt_ids = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
+    generator = _as_generator(model)
+    completions = []
+    for start in range(0, len(prompt_ids), batch_size):
+        completions += generator.generate(
+            prompt_ids[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=_eos_ids(tokenizer),
+            pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        )
+    keep = [i for i, c in enumerate(completions) if c]
+    prompt_ids = [prompt_ids[i] for i in keep]
+    completions = [completions[i] for i in keep]
+    logits = completion_logits(model, prompt_ids, completions)  # [N, V]
+    return ReferenceLogprobs(prompt_ids, completions, torch.log_softmax(logits.float(), dim=-1).cpu())
+
+
+@torch.no_grad()
+def kl_from_reference(
+    model,
+    reference: ReferenceLogprobs | Callable[[list[list[int]], list[list[int]]], torch.Tensor],
+    tokenizer=None,
+    prompts: Sequence[str | list[dict]] | None = None,
+    *,
+    max_new_tokens: int = 16,
+) -> float:
+    """Mean per-token KL(model || reference) = sum_v p_model (log p_model - log p_ref), averaged over tokens.
+
+    reference: a `ReferenceLogprobs` cached from the start model (the usual case; `tokenizer` and
+      `prompts` are then unused), or a callable `(prompts_ids, completions_ids) -> [N, V] logits` for
+      the start model (e.g. a frozen copy). The sequences are then the `prompts` (default
+      `GENERAL_PROMPTS`) followed by `model`'s own greedy continuations, which needs `tokenizer`.
+    """
+    if isinstance(reference, ReferenceLogprobs):
+        prompt_ids, completions = reference.prompts, reference.completions
+        reference_lp = reference.logprobs  # [N, V]
+    elif callable(reference):
+        if tokenizer is None:
+            raise ValueError("kl_from_reference: a callable reference needs the tokenizer to build sequences")
+        prompts = list(prompts) if prompts is not None else list(GENERAL_PROMPTS)
+        prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+        completions = _as_generator(model).generate(
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=_eos_ids(tokenizer),
+            pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        )
+        keep = [i for i, c in enumerate(completions) if c]
+        prompt_ids = [prompt_ids[i] for i in keep]
+        completions = [completions[i] for i in keep]
+        reference_lp = torch.log_softmax(reference(prompt_ids, completions).float().cpu(), dim=-1)
+    else:
+        raise TypeError(
+            f"kl_from_reference: reference must be ReferenceLogprobs or a callable, got {type(reference).__name__}"
+        )
+    model_lp = torch.log_softmax(completion_logits(model, prompt_ids, completions).float().cpu(), dim=-1)
+    if model_lp.shape != reference_lp.shape:
+        raise ValueError(
+            f"kl_from_reference: model log-probs {tuple(model_lp.shape)} and reference "
+            f"{tuple(reference_lp.shape)} differ in shape (different vocabulary or sequences?)"
+        )
+    per_token = (model_lp.exp() * (model_lp - reference_lp)).sum(dim=-1)  # [N]
+    return float(per_token.mean()) if per_token.numel() else 0.0
