@@ -80,6 +80,22 @@ def _logit_tile(hidden, weight, bias, v0, v1, inv_tau):
     return z, w_tile
 
 
+def _pair_logits(h_pair, weight, bias, v0, v1, inv_tau):
+    """Student and teacher logit tiles from h_pair = [h_s ; h_t - h_s] ([2R, D]).
+
+    One GEMM gives z_s and the logit *difference* z_d = W (h_t - h_s) / tau directly, instead of
+    subtracting two independently rounded logits: near KL = 0 (student ~ teacher, where the
+    divergence is ~1e-3) this keeps fp32 error well below the full-logit formula's.
+    Returns z_s, z_t, z_d ([R, Vt] each) and the fp32 weight tile.
+    """
+    rows = h_pair.shape[0] // 2
+    z_pair, w_tile = _logit_tile(h_pair, weight, None, v0, v1, inv_tau)  # [2R, Vt]
+    z_s, z_d = z_pair[:rows], z_pair[rows:]
+    if bias is not None:  # the bias cancels in z_d
+        z_s = z_s + bias[v0:v1].to(z_s.dtype) * inv_tau
+    return z_s, z_s + z_d, z_d, w_tile
+
+
 def _jsd_log_mixture(log_p_s, log_p_t, alpha):
     # log m = log((1 - alpha) p_s + alpha p_t), computed stably in log space
     return torch.logaddexp(log_p_s + math.log1p(-alpha), log_p_t + math.log(alpha))
@@ -90,21 +106,22 @@ def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
     rows = h_s.shape[0]
     vocab = weight.shape[0]
     dtype = _compute_dtype(h_s.dtype)
-    h_both = torch.cat([h_s, h_t]).to(dtype)  # [2R, D]: one GEMM per tile for both logit sets
+    h_s, h_t = h_s.to(dtype), h_t.to(dtype)
+    h_pair = torch.cat([h_s, h_t - h_s])  # [2R, D]: one GEMM per tile for both logit sets
     m_s = torch.full((rows,), -math.inf, device=h_s.device, dtype=dtype)
     m_t = m_s.clone()
     l_s, l_t = torch.zeros_like(m_s), torch.zeros_like(m_s)
     cross = torch.zeros_like(m_s)  # A (reverse KL) or B (forward KL)
+    shift = torch.zeros_like(m_s)  # C, for an accurate lse_t - lse_s near KL = 0
     kl_mode = alpha in (0.0, 1.0)
     one_sweep_dh = want_dh and kl_mode
     if one_sweep_dh:
-        acc = h_both.new_zeros(2 * rows, weight.shape[1])  # [2R, D] stacked accumulators
+        acc = h_pair.new_zeros(2 * rows, weight.shape[1])  # [2R, D] stacked accumulators
 
     # Sweep 1: running max / sum for both distributions (+ A or B, + accumulators).
     for v0 in range(0, vocab, vocab_tile):
         v1 = min(v0 + vocab_tile, vocab)
-        z_both, w_tile = _logit_tile(h_both, weight, bias, v0, v1, inv_tau)  # [2R, Vt]
-        z_s, z_t = z_both[:rows], z_both[rows:]
+        z_s, z_t, z_d, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, inv_tau)  # [R, Vt] each
         new_m_s = torch.maximum(m_s, z_s.max(dim=1).values)
         new_m_t = torch.maximum(m_t, z_t.max(dim=1).values)
         scale_s = torch.exp(m_s - new_m_s)  # 0 on the first tile (exp(-inf))
@@ -113,11 +130,13 @@ def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
         e_t = torch.exp(z_t - new_m_t[:, None])
         l_s = l_s * scale_s + e_s.sum(1)
         l_t = l_t * scale_t + e_t.sum(1)
+        if kl_mode:  # C = sum exp(z_s - m_s) expm1(z_d): lse_t - lse_s = log1p(C / l_s) exactly
+            shift = shift * scale_s + (e_s * torch.expm1(z_d)).sum(1)
         if alpha == 1.0:  # A = sum exp(z_s - m_s)(z_s - z_t)
-            weighted = e_s * (z_s - z_t)
+            weighted = -e_s * z_d
             cross = cross * scale_s + weighted.sum(1)
         elif alpha == 0.0:  # B = sum exp(z_t - m_t)(z_t - z_s)
-            cross = cross * scale_t + (e_t * (z_t - z_s)).sum(1)
+            cross = cross * scale_t + (e_t * z_d).sum(1)
         if one_sweep_dh:
             if alpha == 0.0:  # acc = [sum e_s W ; sum e_t W]
                 acc[:rows].mul_(scale_s[:, None])
@@ -130,36 +149,41 @@ def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
 
     lse_s = m_s + torch.log(l_s)
     lse_t = m_t + torch.log(l_t)
+    # lse_t - lse_s = log sum p_s exp(z_d) = log1p(C / l_s): no cancellation between two ~log V
+    # sized numbers when the student is close to the teacher. Fall back to the plain difference
+    # where C overflowed (z_d > ~88) or rounded to <= -l_s.
+    ratio = shift / l_s
+    lse_gap = torch.where(torch.isfinite(ratio) & (ratio > -1.0), torch.log1p(ratio), lse_t - lse_s)
     dh = None
     if alpha == 0.0:
-        loss = cross / l_t - lse_t + lse_s
+        loss = cross / l_t - lse_gap
         aux = loss
         if one_sweep_dh:
             dh = (acc[:rows] / l_s[:, None] - acc[rows:] / l_t[:, None]) * inv_tau
     elif alpha == 1.0:
         mean_diff = cross / l_s  # E_{p_s}[z_s - z_t]
-        loss = mean_diff - lse_s + lse_t
+        loss = mean_diff + lse_gap
         aux = loss
         if one_sweep_dh:
             dh = (acc[:rows] - mean_diff[:, None] * acc[rows:]) * (inv_tau / l_s)[:, None]
     else:
-        loss, aux, dh = _jsd_sweep(h_both, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh)
+        loss, aux, dh = _jsd_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh)
     # Clamp tiny negative rounding (KL >= 0 mathematically).
     return loss.clamp_min(0.0), lse_s, lse_t, aux, dh
 
 
-def _jsd_sweep(h_both, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh):
+def _jsd_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh):
     """Sweep 2 for the generalized JSD: its value (needs lse) and optionally dh."""
     rows = lse_s.shape[0]
     kl_t_m = torch.zeros_like(lse_s)
     kl_s_m = torch.zeros_like(lse_s)
     if want_dh:
-        acc = h_both.new_zeros(2 * rows, weight.shape[1])
+        acc = h_pair.new_zeros(2 * rows, weight.shape[1])
     for v0 in range(0, weight.shape[0], vocab_tile):
         v1 = min(v0 + vocab_tile, weight.shape[0])
-        z_both, w_tile = _logit_tile(h_both, weight, bias, v0, v1, inv_tau)
-        log_p_s = z_both[:rows] - lse_s[:, None]
-        log_p_t = z_both[rows:] - lse_t[:, None]
+        z_s, z_t, _, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, inv_tau)
+        log_p_s = z_s - lse_s[:, None]
+        log_p_t = z_t - lse_t[:, None]
         log_m = _jsd_log_mixture(log_p_s, log_p_t, alpha)
         p_s, p_t = log_p_s.exp(), log_p_t.exp()
         s_term = p_s * (log_p_s - log_m)
@@ -174,15 +198,15 @@ def _jsd_sweep(h_both, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, w
     return loss, kl_s_m, dh
 
 
-def _grad_tile(z_s, z_t, lse_s, lse_t, aux, alpha):
+def _grad_tile(z_s, z_t, z_d, lse_s, lse_t, aux, alpha):
     """dLoss/dz_s for one [R, Vt] tile, given the per-token stats of the forward."""
     log_p_s = z_s - lse_s[:, None]
     log_p_t = z_t - lse_t[:, None]
     p_s = log_p_s.exp()
     if alpha == 0.0:
         return p_s - log_p_t.exp()
-    if alpha == 1.0:  # aux = KL_rev
-        return p_s * ((log_p_s - log_p_t) - aux[:, None])
+    if alpha == 1.0:  # aux = KL_rev; log p_s - log p_t = -z_d - (lse_s - lse_t)
+        return p_s * ((-z_d - (lse_s - lse_t)[:, None]) - aux[:, None])
     log_m = _jsd_log_mixture(log_p_s, log_p_t, alpha)  # aux = KL(S||M)
     return (1.0 - alpha) * p_s * ((log_p_s - log_m) - aux[:, None])
 
@@ -246,18 +270,18 @@ class ChunkedSelfDistill(torch.autograd.Function):
         db = weight.new_zeros(weight.shape[0], dtype=dtype) if need_db else None
         for r0 in range(0, h_s.shape[0], rows):
             r1 = min(r0 + rows, h_s.shape[0])
-            n = r1 - r0
-            h_both = torch.cat([h_s[r0:r1], h_t[r0:r1]]).to(dtype)
+            hs_chunk = h_s[r0:r1].to(dtype)
+            h_pair = torch.cat([hs_chunk, h_t[r0:r1].to(dtype) - hs_chunk])
             go = grad_loss[r0:r1] * ctx.inv_tau  # fold 1/tau of dz/dh and dz/dW into the row scale
             for v0 in range(0, weight.shape[0], vocab_tile):
                 v1 = min(v0 + vocab_tile, weight.shape[0])
-                z_both, w_tile = _logit_tile(h_both, weight, bias, v0, v1, ctx.inv_tau)
-                g = _grad_tile(z_both[:n], z_both[n:], lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1], ctx.alpha)
+                z_s, z_t, z_d, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, ctx.inv_tau)
+                g = _grad_tile(z_s, z_t, z_d, lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1], ctx.alpha)
                 g.mul_(go[:, None])  # [R, Vt]
                 if dh is not None:
                     dh[r0:r1].addmm_(g, w_tile)
                 if dw is not None:
-                    dw[v0:v1].addmm_(g.T, h_both[:n])
+                    dw[v0:v1].addmm_(g.T, hs_chunk)
                 if db is not None:
                     db[v0:v1] += g.sum(0)
         return (
