@@ -7,7 +7,6 @@ import textwrap
 
 import pytest
 import torch
-
 from sdft_kernels.reference import reference_token_losses
 from sdft_kernels.torch_linear_ce import torch_linear_cross_entropy
 from sdft_kernels.torch_sdft import tile_sizes, torch_token_losses
@@ -59,7 +58,9 @@ def test_error_budget_against_float64_oracle(alpha, temperature, shape, bias, we
     rounded = [t if t is None else t.to(dtype).double() for t in (h_s, h_t, weight, b)]
     oracle = run(reference_token_losses, *rounded, grad_out, torch.float64, weight_grad, **kw)
     same_dtype = run(reference_token_losses, h_s, h_t, weight, b, grad_out, dtype, weight_grad, **kw)
-    ours = run(torch_token_losses, h_s, h_t, weight, b, grad_out, dtype, weight_grad, memory_budget_mb=0.05, **kw)
+    ours = run(
+        torch_token_losses, h_s, h_t, weight, b, grad_out, dtype, weight_grad, memory_budget_mb=0.05, **kw
+    )
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     for name, o, r, x in zip(["loss", "d_student", "d_weight", "d_bias"], oracle, same_dtype, ours):
         if o is None:
@@ -78,7 +79,9 @@ def test_float64_is_exact_and_gradcheck(alpha):
     # constant by definition, so a finite difference in W would disagree with the loss's gradient
     # (W's gradient is checked against the detached-teacher reference in the budget test).
     h_s, h_t, weight, b, _ = make_inputs(5, 6, 37, bias=True)
-    fn = lambda hs: torch_token_losses(hs, h_t, weight, b, alpha=alpha, temperature=1.3, memory_budget_mb=0.001)
+    fn = lambda hs: torch_token_losses(
+        hs, h_t, weight, b, alpha=alpha, temperature=1.3, memory_budget_mb=0.001
+    )
     assert torch.autograd.gradcheck(fn, (h_s.requires_grad_(),), eps=1e-6, atol=1e-8)
     ref = reference_token_losses(h_s, h_t, weight, b, alpha=alpha, temperature=1.3)
     assert max_err(fn(h_s), ref) < 1e-12
@@ -96,7 +99,9 @@ def test_student_equals_teacher_and_close_to_teacher(alpha, dtype):
     oracle = run(reference_token_losses, *rounded, None, grad_out, torch.float64, False, alpha=alpha)
     assert 1e-5 < oracle[0].mean().item() < 1e-1
     same_dtype = run(reference_token_losses, h_s, h_t, weight, None, grad_out, dtype, False, alpha=alpha)
-    ours = run(torch_token_losses, h_s, h_t, weight, None, grad_out, dtype, False, alpha=alpha, memory_budget_mb=0.05)
+    ours = run(
+        torch_token_losses, h_s, h_t, weight, None, grad_out, dtype, False, alpha=alpha, memory_budget_mb=0.05
+    )
     for o, r, x in zip(oracle[:2], same_dtype[:2], ours[:2]):
         assert max_err(x, o) <= max_err(r, o) + 1e-6
     # fp32 statistics make ours far better than the bf16 full-logit formula near KL=0.
@@ -130,9 +135,15 @@ def test_linear_cross_entropy_matches_full_logits(weight_grad):
     outs = []
     for fn in (
         lambda hh, w, bb: torch.nn.functional.cross_entropy((hh @ w.T + bb) / 0.8, targets, reduction="none"),
-        lambda hh, w, bb: torch_linear_cross_entropy(hh, w, bb, targets, temperature=0.8, memory_budget_mb=0.01),
+        lambda hh, w, bb: torch_linear_cross_entropy(
+            hh, w, bb, targets, temperature=0.8, memory_budget_mb=0.01
+        ),
     ):
-        hh, w, bb = h.clone().requires_grad_(), weight.clone().requires_grad_(weight_grad), b.clone().requires_grad_(weight_grad)
+        hh, w, bb = (
+            h.clone().requires_grad_(),
+            weight.clone().requires_grad_(weight_grad),
+            b.clone().requires_grad_(weight_grad),
+        )
         loss = fn(hh, w, bb)
         (loss * grad_out).sum().backward()
         outs.append([loss.detach(), hh.grad, w.grad, bb.grad])
@@ -168,6 +179,8 @@ MEMORY_SCRIPT = textwrap.dedent(
 def test_peak_memory_is_bounded_independent_of_vocab():
     """N=8192, V=65536, D=64 fp32: the torch path adds < N*V*4/4 bytes to peak RSS."""
     n, v = 8192, 65536
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, "torch"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, "torch"], capture_output=True, text=True, check=True
+    )
     extra = int(out.stdout.split()[-1])
     assert extra < n * v * 4 / 4, f"torch path added {extra / 2**20:.0f} MiB to peak RSS"

@@ -1,0 +1,223 @@
+"""Public loss API: TRL-equal values, masks, weights, reductions, dtypes, errors."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdft_fast import SelfDistillLoss, linear_cross_entropy, self_distill_loss, token_logprobs
+
+IMPLS = ["torch", "reference"]
+if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    IMPLS.append(pytest.param("triton", marks=pytest.mark.triton))
+
+
+def trl_full_logit_loss(student_logits, teacher_logits, mask, beta, temperature):
+    """The full-logit SDFT formula, written out here (not imported from TRL) as the spec:
+    per-token generalized JSD over log-softmaxed logits / temperature, masked, summed per
+    sequence over its mask count (clamped to 1), then the mean over sequences."""
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        per = F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
+    elif beta == 1:
+        per = F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+    else:
+        mix = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+        per = beta * F.kl_div(mix, t, reduction="none", log_target=True).sum(-1) + (1 - beta) * F.kl_div(
+            mix, s, reduction="none", log_target=True
+        ).sum(-1)
+    per = per * mask
+    return (per.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def batch(b=3, t=6, d=16, v=61, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(b, t, d, generator=g, dtype=dtype)
+    h_t = torch.randn(b, t, d, generator=g, dtype=dtype)
+    w = torch.randn(v, d, generator=g, dtype=dtype) / 2
+    mask = torch.rand(b, t, generator=g) > 0.3
+    mask[1] = False  # a sequence with no counted token contributes 0
+    return h_s, h_t, w, mask
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_equals_trl_full_logit_formula(impl, alpha, temperature):
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h_s, h_t, w, mask = batch(dtype=dtype)
+    expected = trl_full_logit_loss(h_s @ w.T, h_t @ w.T, mask, alpha, temperature)
+    got = self_distill_loss(h_s, h_t, w, alpha=alpha, temperature=temperature, loss_mask=mask, impl=impl)
+    assert got.dtype == dtype
+    assert torch.allclose(got, expected, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_reductions_and_token_weights(impl):
+    h_s, h_t, w, mask = batch()
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    per = self_distill_loss(h_s, h_t, w, reduction="none", impl="reference")  # [B, T], all counted
+    assert per.shape == mask.shape
+    wper = per * weights * mask
+    kw = dict(loss_mask=mask, token_weights=weights, impl=impl)
+    none = self_distill_loss(h_s, h_t, w, reduction="none", **kw)
+    assert torch.allclose(none, wper) and (none[~mask] == 0).all()
+    assert torch.allclose(self_distill_loss(h_s, h_t, w, reduction="sum", **kw), wper.sum())
+    # token weights change values, not how many tokens count
+    assert torch.allclose(
+        self_distill_loss(h_s, h_t, w, reduction="token_mean", **kw), wper.sum() / mask.sum()
+    )
+    seq = (wper.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    assert torch.allclose(self_distill_loss(h_s, h_t, w, reduction="sequence_mean", **kw), seq)
+
+
+def test_flat_inputs_take_sequences_from_sequence_ids():
+    h_s, h_t, w, mask = batch()
+    expected = self_distill_loss(h_s, h_t, w, loss_mask=mask)
+    d = h_s.shape[-1]
+    seq_ids = torch.arange(3).repeat_interleave(6) * 7 + 5  # arbitrary labels, mapped densely
+    got = self_distill_loss(
+        h_s.reshape(-1, d), h_t.reshape(-1, d), w, loss_mask=mask.reshape(-1), sequence_ids=seq_ids
+    )
+    assert torch.allclose(got, expected)
+    with pytest.raises(ValueError, match="sequence_ids"):
+        self_distill_loss(h_s.reshape(-1, d), h_t.reshape(-1, d), w)
+
+
+@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean", "sum", "none"])
+def test_all_masked_gives_zero_loss_and_zero_gradients(reduction):
+    h_s, h_t, w, _ = batch(dtype=torch.float32)
+    h_s.requires_grad_()
+    w.requires_grad_()
+    loss = self_distill_loss(h_s, h_t, w, loss_mask=torch.zeros(3, 6, dtype=torch.bool), reduction=reduction)
+    loss.sum().backward()
+    assert torch.all(loss == 0)
+    assert torch.all(h_s.grad == 0) and torch.all(w.grad == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_fp32_loss_and_input_dtype_gradients(dtype):
+    h_s, h_t, w, mask = batch(dtype=dtype)
+    h_s.requires_grad_()
+    loss = self_distill_loss(h_s, h_t, w, loss_mask=mask)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert h_s.grad.dtype == dtype
+    ref = self_distill_loss(h_s.detach().double(), h_t.double(), w.double(), loss_mask=mask, impl="reference")
+    assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
+
+
+def test_gradients_flow_to_student_and_head_only_when_asked():
+    h_s, h_t, w, mask = batch(dtype=torch.float32)
+    b = torch.zeros(w.shape[0])
+    h_s.requires_grad_()
+    h_t.requires_grad_()  # a teacher that requires grad is a constant, not an error
+    self_distill_loss(h_s, h_t, w, b, loss_mask=mask).backward()
+    assert h_s.grad is not None and h_t.grad is None
+    w.requires_grad_()
+    b.requires_grad_()
+    h_s.grad = None
+    loss = self_distill_loss(h_s, h_t, w, b, loss_mask=mask)
+    loss.backward()
+    ref_w = w.detach().clone().requires_grad_()
+    ref_b = b.detach().clone().requires_grad_()
+    self_distill_loss(h_s.detach(), h_t.detach(), ref_w, ref_b, loss_mask=mask, impl="reference").backward()
+    assert torch.allclose(w.grad, ref_w.grad, atol=1e-6) and torch.allclose(b.grad, ref_b.grad, atol=1e-6)
+
+
+def test_no_grad_builds_no_graph():
+    h_s, h_t, w, mask = batch(dtype=torch.float32)
+    h_s.requires_grad_()
+    with torch.no_grad():
+        loss = self_distill_loss(h_s, h_t, w, loss_mask=mask)
+    assert loss.grad_fn is None
+
+
+def test_student_equals_teacher_is_zero():
+    h_s, _, w, mask = batch(dtype=torch.float32)
+    assert self_distill_loss(h_s, h_s, w, alpha=0.5).abs().item() < 1e-6
+
+
+def test_module_form():
+    h_s, h_t, w, mask = batch()
+    module = SelfDistillLoss(alpha=0.3, temperature=1.5, reduction="token_mean")
+    assert "alpha=0.3" in repr(module)
+    assert torch.allclose(
+        module(h_s, h_t, w, loss_mask=mask),
+        self_distill_loss(h_s, h_t, w, alpha=0.3, temperature=1.5, loss_mask=mask, reduction="token_mean"),
+    )
+
+
+BAD = [
+    (dict(teacher_hidden="short"), "teacher_hidden must have the shape"),
+    (dict(lm_head_weight="wrong_d"), r"D=15.*D=16"),
+    (dict(lm_head_bias="wrong_v"), r"lm_head_bias must be a \[V\]"),
+    (dict(alpha=1.5), "alpha must be a number in"),
+    (dict(alpha=-0.1), "alpha must be a number in"),
+    (dict(temperature=0.0), "temperature must be"),
+    (dict(temperature=float("nan")), "temperature must be"),
+    (dict(student_hidden="nan"), "student_hidden .* NaN/inf"),
+    (dict(teacher_hidden="inf"), "teacher_hidden .* NaN/inf"),
+    (dict(teacher_hidden="f64"), "dtype torch.float64 differs"),
+    (dict(loss_mask="float"), "loss_mask must be a bool"),
+    (dict(loss_mask="shape"), r"loss_mask has shape \(3, 5\)"),
+    (dict(token_weights="nan"), "token_weights contains NaN"),
+    (dict(reduction="mean"), "reduction must be one of"),
+    (dict(impl="cuda"), "impl must be one of"),
+    (dict(student_hidden="1d"), r"student_hidden must be a \[B, T, D\]"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD)
+def test_bad_input_raises_value_error_naming_the_problem(change, message):
+    h_s, h_t, w, mask = batch(dtype=torch.float32)
+    args = dict(student_hidden=h_s, teacher_hidden=h_t, lm_head_weight=w, lm_head_bias=None)
+    kw = {}
+    for key, value in change.items():
+        if key in ("alpha", "temperature", "reduction", "impl"):
+            kw[key] = value
+        elif value == "short":
+            args[key] = h_t[:, :2]
+        elif value == "wrong_d":
+            args[key] = w[:, :15]
+        elif value == "wrong_v":
+            args[key] = torch.zeros(w.shape[0] + 1)
+        elif value == "nan":
+            bad = (args.get(key) if key in args else torch.ones(3, 6)).clone()
+            bad[0, 0] = float("nan")
+            if key in args:
+                args[key] = bad
+            else:
+                kw[key] = bad
+        elif value == "inf":
+            bad = args[key].clone()
+            bad[1, 1] = float("inf")
+            args[key] = bad
+        elif value == "f64":
+            args[key] = args[key].double()
+        elif value == "float":
+            kw[key] = mask.float()
+        elif value == "shape":
+            kw[key] = mask[:, :5]
+        elif value == "1d":
+            args[key] = h_s[0, 0]
+    with pytest.raises(ValueError, match=message):
+        self_distill_loss(*args.values(), **kw)
+
+
+def test_linear_cross_entropy_and_token_logprobs():
+    h, _, w, mask = batch()
+    targets = torch.randint(0, w.shape[0], mask.shape, generator=torch.Generator().manual_seed(1))
+    logits = h @ w.T
+    per = F.cross_entropy(logits.reshape(-1, w.shape[0]), targets.reshape(-1), reduction="none").reshape(
+        mask.shape
+    )
+    expected = ((per * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    assert torch.allclose(linear_cross_entropy(h, w, None, targets, loss_mask=mask), expected)
+    lp = token_logprobs(h, w, None, targets)
+    assert torch.allclose(lp, -per) and lp.grad_fn is None
+    with pytest.raises(ValueError, match="targets must be token ids"):
+        linear_cross_entropy(h, w, None, targets + w.shape[0])
