@@ -125,6 +125,11 @@ def lora_route(route: int | str | torch.Tensor) -> Iterator[None]:
         _ACTIVE_ROUTE.reset(token)
 
 
+def current_route() -> int | torch.Tensor:
+    """The route LoRA layers apply right now (ROUTE_STUDENT outside any lora_route block)."""
+    return _ACTIVE_ROUTE.get()
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 style Conv1D: weight stored [in, out] (fan_in_fan_out).
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -140,13 +145,17 @@ class _PackedBaseLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_x, teacher_x, weight, bias):
+    def forward(ctx, student_x, teacher_x, weight, bias, own_student_storage):
         # student_x [Ns, in], teacher_x [Nt, in], weight [out, in], bias [out] | None
         n_student = student_x.shape[0]
         packed_y = F.linear(
             torch.cat([student_x, teacher_x.to(student_x.dtype)]), weight, bias
         )  # [Ns+Nt, out]
         student_y, teacher_y = packed_y[:n_student], packed_y[n_student:]
+        if own_student_storage:
+            # A view would pin the whole packed buffer (teacher rows included) for as long
+            # as any later op saves the student output for backward: copy the rows out.
+            student_y = student_y.clone()
         ctx.mark_non_differentiable(teacher_y)
         weight_needs_grad = ctx.needs_input_grad[2]
         ctx.save_for_backward(weight, student_x if weight_needs_grad else None)
@@ -163,7 +172,7 @@ class _PackedBaseLinear(torch.autograd.Function):
             grad_w = grad_student_y.t() @ student_x  # [out, in]
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = grad_student_y.sum(0)
-        return grad_x, None, grad_w, grad_b
+        return grad_x, None, grad_w, grad_b, None
 
 
 def packed_linear(
@@ -171,9 +180,15 @@ def packed_linear(
     teacher_x: torch.Tensor,  # [Nt, in], constant
     weight: torch.Tensor,  # [out, in]
     bias: torch.Tensor | None,  # [out]
+    own_student_storage: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One GEMM over student + teacher rows; only student rows enter autograd."""
-    return _PackedBaseLinear.apply(student_x, teacher_x.detach(), weight, bias)
+    """One GEMM over student + teacher rows; only student rows enter autograd.
+
+    ``own_student_storage=False`` returns the student rows as a view of the packed
+    output: only safe when the caller immediately makes a new tensor from it
+    (e.g. adds the LoRA delta), so no saved tensor can pin the teacher rows.
+    """
+    return _PackedBaseLinear.apply(student_x, teacher_x.detach(), weight, bias, own_student_storage)
 
 
 class LoraLinear(nn.Module):
@@ -266,24 +281,42 @@ class LoraLinear(nn.Module):
             flat_y = flat_y.index_add(0, teacher_rows, self.teacher_delta(flat_x[teacher_rows]))
         return flat_y.reshape(y.shape)
 
+    def routed_delta(self, x: torch.Tensor, slot: int) -> torch.Tensor | None:
+        """The LoRA delta of one slot for all rows of x (None for ROUTE_NONE).
+
+        ROUTE_STUDENT keeps the graph only when grad mode is on; callers run
+        teacher rows under no_grad, which is how a 'live' teacher shares the
+        student adapter without saving anything.
+        """
+        if slot == ROUTE_STUDENT:
+            return self.student_delta(x)
+        if slot == ROUTE_TEACHER:
+            return self.teacher_delta(x)
+        return None
+
     def forward_pair(
         self,
         student_x: torch.Tensor,  # [Ns, in]
         teacher_x: torch.Tensor,  # [Nt, in]
         teacher_slot: int,
+        student_slot: int = ROUTE_STUDENT,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student rows and teacher rows in one base GEMM; deltas per slot.
+        """Student rows and teacher rows in one base GEMM; the delta of each row block's slot.
 
         ``teacher_slot`` is ROUTE_TEACHER (EMA adapter), ROUTE_NONE (base) or
-        ROUTE_STUDENT (live student adapter, no grad).
+        ROUTE_STUDENT (live student adapter, no grad). ``student_slot`` is
+        ROUTE_STUDENT except under ``adapters_disabled`` (ROUTE_NONE).
         """
-        student_y, teacher_y = packed_linear(student_x, teacher_x, self.base_weight, self.base.bias)
-        student_y = student_y + self.student_delta(student_x)
-        if teacher_slot == ROUTE_TEACHER:
-            teacher_y = teacher_y + self.teacher_delta(teacher_x)
-        elif teacher_slot == ROUTE_STUDENT:
-            with torch.no_grad():
-                teacher_y = teacher_y + F.linear(F.linear(teacher_x, self.lora_A), self.lora_B) * self.scaling
+        student_delta = self.routed_delta(student_x, student_slot)
+        student_y, teacher_y = packed_linear(
+            student_x, teacher_x, self.base_weight, self.base.bias, own_student_storage=student_delta is None
+        )
+        if student_delta is not None:
+            student_y = student_y + student_delta
+        with torch.no_grad():
+            teacher_delta = self.routed_delta(teacher_x, teacher_slot)
+            if teacher_delta is not None:
+                teacher_y = teacher_y + teacher_delta
         return student_y, teacher_y
 
     def extra_repr(self) -> str:

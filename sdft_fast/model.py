@@ -53,6 +53,7 @@ from sdft_fast.lora import (
     ROUTE_TEACHER,
     LoraConfig,
     LoraLinear,
+    current_route,
     inject_lora,
     lora_route,
     packed_linear,
@@ -439,12 +440,14 @@ class SelfDistillModel(nn.Module):
         return self._teacher_by_param_id.get(id(param), param).detach()
 
     # -- fast path ----------------------------------------------------------------------------
-    def _pair_linear(self, module: nn.Module, student_x, teacher_x):
+    def _pair_linear(self, module: nn.Module, student_x, teacher_x, student_slot: int):
         # student_x [Ns, in]; teacher_x [Nt, in] or None -> ([Ns, out], [Nt, out] | None)
         if isinstance(module, LoraLinear):
             if teacher_x is None:
-                return module.base(student_x) + module.student_delta(student_x), None
-            return module.forward_pair(student_x, teacher_x, self._teacher_lora_route)
+                student_y = module.base(student_x)
+                delta = module.routed_delta(student_x, student_slot)
+                return (student_y if delta is None else student_y + delta), None
+            return module.forward_pair(student_x, teacher_x, self._teacher_lora_route, student_slot)
         if teacher_x is None:
             return module(student_x), None
         if id(module.weight) not in self._teacher_by_param_id:
@@ -475,6 +478,18 @@ class SelfDistillModel(nn.Module):
         every other teacher op runs under no_grad with detached weights.
         """
         backbone = self.hf_model.model
+        # The student stream follows the active LoRA route: the student adapter, or none
+        # inside adapters_disabled(). A per-token route tensor has no meaning here.
+        route = current_route()
+        if isinstance(route, torch.Tensor):
+            raise ValueError(
+                "the packed fast path routes student/teacher rows itself; do not set a per-token route"
+            )
+        student_slot = route
+
+        def pair_linear(module, student_x, teacher_x):
+            return self._pair_linear(module, student_x, teacher_x, student_slot)
+
         embed_w = backbone.embed_tokens.weight  # [V, D]
         student_h = F.embedding(student.input_ids, embed_w)  # [Ns, D]
         teacher_h = None
@@ -492,9 +507,9 @@ class SelfDistillModel(nn.Module):
             head_dim = attn.head_dim
             # --- attention block
             xs, xt = self._pair_norm(layer.input_layernorm, student_h, teacher_h)
-            qs, qt = self._pair_linear(attn.q_proj, xs, xt)
-            ks, kt = self._pair_linear(attn.k_proj, xs, xt)
-            vs, vt = self._pair_linear(attn.v_proj, xs, xt)
+            qs, qt = pair_linear(attn.q_proj, xs, xt)
+            ks, kt = pair_linear(attn.k_proj, xs, xt)
+            vs, vt = pair_linear(attn.v_proj, xs, xt)
             qs, ks, vs = (
                 qs.view(-1, heads, head_dim),
                 ks.view(-1, kv_heads, head_dim),
@@ -521,20 +536,20 @@ class SelfDistillModel(nn.Module):
                     attn_t = varlen_causal_attention(qt, kt, vt, teacher.seq_lens, attn.scaling).reshape(
                         -1, heads * head_dim
                     )
-            os_, ot = self._pair_linear(attn.o_proj, attn_s, attn_t)
+            os_, ot = pair_linear(attn.o_proj, attn_s, attn_t)
             student_h = student_h + os_
             if teacher is not None:
                 teacher_h = teacher_h + ot
             # --- SwiGLU MLP block
             xs, xt = self._pair_norm(layer.post_attention_layernorm, student_h, teacher_h)
-            gs, gt = self._pair_linear(mlp.gate_proj, xs, xt)
-            us, ut = self._pair_linear(mlp.up_proj, xs, xt)
+            gs, gt = pair_linear(mlp.gate_proj, xs, xt)
+            us, ut = pair_linear(mlp.up_proj, xs, xt)
             ms = mlp.act_fn(gs) * us
             mt = None
             if teacher is not None:
                 with torch.no_grad():
                     mt = mlp.act_fn(gt) * ut
-            ds, dt = self._pair_linear(mlp.down_proj, ms, mt)
+            ds, dt = pair_linear(mlp.down_proj, ms, mt)
             student_h = student_h + ds
             if teacher is not None:
                 teacher_h = teacher_h + dt
@@ -573,7 +588,7 @@ class SelfDistillModel(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
         backbone = self._backbone()
-        route = self._teacher_lora_route if teacher else ROUTE_STUDENT
+        route = self._teacher_lora_route if teacher else current_route()
         with lora_route(route):
             if teacher and self._teacher_params:
                 prefix = self.hf_model.base_model_prefix + "."
