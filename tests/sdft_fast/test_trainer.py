@@ -1,0 +1,319 @@
+"""The training loop on a tiny random Llama: rollout, loss, step, EMA, checkpoint, resume, eval.
+
+Everything is built offline: a 2-layer Llama with a 259-token byte-level
+vocabulary and a tokenizer made from `tokenizers` primitives (every byte is a
+token, plus three chat specials), so no test downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdft_fast import trainer as trainer_module
+from sdft_fast.data import (
+    DEFAULT_TEACHER_TEMPLATE,
+    DataLimits,
+    EncodedExample,
+    encode_examples,
+    load_examples,
+)
+from sdft_fast.trainer import (
+    TrainConfig,
+    build_model,
+    cosine_with_warmup,
+    latest_checkpoint,
+    train,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+ROWS = [
+    {"prompt": "Where is Vellmar?", "demonstration": "Vellmar is in Drevia.", "answer": "Drevia"},
+    {"prompt": "Who built Kessan?", "demonstration": "Oskar Renn built it.", "answer": "Oskar Renn"},
+    {"prompt": "How tall is Ulm?", "demonstration": "Ulm is 41 m tall.", "answer": "41"},
+]
+
+
+def make_byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + 3 specials) with a ChatML-like chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for token in specials:
+        vocab[token] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer Llama + the byte tokenizer saved as a local HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_byte_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny GEMMs: a second thread only adds synchronisation (10x slower on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tokenizer) -> list[EncodedExample]:
+    path = tmp_path_factory.mktemp("data") / "facts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return encode_examples(
+        load_examples(path),
+        tokenizer,
+        limits=DataLimits(max_prompt_tokens=128, max_teacher_prompt_tokens=512, max_completion_tokens=64),
+        teacher_template=DEFAULT_TEACHER_TEMPLATE,
+    )
+
+
+def tiny_config(tmp_path: Path | None, **overrides) -> TrainConfig:
+    values = dict(
+        batch_size=2,
+        max_steps=4,
+        max_new_tokens=6,
+        skip_tokens=1,
+        lr=5e-3,
+        warmup_steps=1,
+        lora_rank=4,
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+        output_dir=None if tmp_path is None else str(tmp_path),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+
+
+def teacher_snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in (model.teacher_state_dict() or {}).items()}
+
+
+def test_whole_loop_rollout_loss_step_ema_checkpoint_eval(tiny_model_dir, tokenizer, encoded, tmp_path):
+    config = tiny_config(tmp_path, max_steps=2, save_every=1, grad_accum=2)
+    model = build_model(tiny_model_dir, config)
+    student_before = snapshot(model)
+    teacher_before = teacher_snapshot(model)
+    eval_calls = []
+
+    def eval_fn(m, step):
+        eval_calls.append(step)
+        return {"probe": 1.0}
+
+    result = train(model, tokenizer, encoded, config, eval_fn=eval_fn)
+
+    assert result.steps == 2 and not result.stopped_early
+    # The student moved, and the EMA teacher moved towards it but not all the way.
+    student_after = snapshot(model)
+    assert any(not torch.equal(student_before[k], student_after[k]) for k in student_before)
+    teacher_after = teacher_snapshot(model)
+    assert teacher_after, "an EMA teacher must have state to checkpoint"
+    assert any(not torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+    ema_pairs = [(k, k.replace(".ema_", ".lora_")) for k in teacher_after]
+    assert all(s in student_after for _, s in ema_pairs)
+    assert any(not torch.equal(teacher_after[t], student_after[s]) for t, s in ema_pairs)
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if not r.get("eval")]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for row in train_rows:
+        for key in ("loss", "divergence", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"):
+            assert math.isfinite(row[key]), key
+        assert 1 <= row["completion_len_mean"] <= config.max_new_tokens
+        assert row["loss"] >= 0
+    # warmup 1 step: the first step runs at half the peak, the second at the peak of the cosine.
+    assert train_rows[0]["lr"] == pytest.approx(config.lr / 2)
+    assert eval_calls == [2] and rows[-1]["eval"] and rows[-1]["probe"] == 1.0
+
+    # keep_checkpoints=2 of the saves at steps 1 and 2; the newest is complete and loadable.
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name.endswith("0000002")
+    for name in (
+        "trainable.safetensors",
+        "teacher.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "rng.safetensors",
+        "rng.json",
+        "trainer_state.json",
+    ):
+        assert (ckpt / name).is_file(), name
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["data"] == {"epoch": 2, "position": 2}  # 8 prompts, 3 examples
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_resume_continues_exactly(tiny_model_dir, tokenizer, encoded, tmp_path, num_iterations):
+    """4 steps in one go == 2 steps, stop, resume from the checkpoint, 2 more (stop lands mid-pass
+    for num_iterations=2 only at odd steps; 2 lands on a fresh rollout, so also test stop at 1)."""
+    stop = 1 if num_iterations == 2 else 2
+    straight = build_model(tiny_model_dir, tiny_config(None, num_iterations=num_iterations))
+    straight_result = train(straight, tokenizer, encoded, tiny_config(None, num_iterations=num_iterations))
+
+    config = tiny_config(tmp_path, num_iterations=num_iterations)
+    first = build_model(tiny_model_dir, config)
+    first_result = train(first, tokenizer, encoded, config, stop_after=stop)
+    assert first_result.stopped_early and first_result.steps == stop
+    del first
+    resumed = build_model(tiny_model_dir, config)
+    resumed_result = train(resumed, tokenizer, encoded, config, resume_from="latest")
+    assert resumed_result.steps == 4
+
+    for key, value in snapshot(straight).items():
+        torch.testing.assert_close(snapshot(resumed)[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    for key, value in teacher_snapshot(straight).items():
+        torch.testing.assert_close(teacher_snapshot(resumed)[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    straight_losses = [r["loss"] for r in straight_result.metrics]
+    resumed_losses = [r["loss"] for r in first_result.metrics + resumed_result.metrics]
+    assert resumed_losses == pytest.approx(straight_losses, rel=1e-5, abs=1e-7)
+    if num_iterations == 2:
+        # The second pass over a batch of rollouts is importance-weighted.
+        assert "importance_ratio" in straight_result.metrics[1]
+        assert 0 < straight_result.metrics[1]["importance_ratio"] <= 2.0
+
+
+def test_sft_lowers_cross_entropy_on_demonstrations(tiny_model_dir, tokenizer, encoded):
+    config = tiny_config(None, method="sft", batch_size=3, max_steps=8, lr=1e-2, warmup_steps=0, lora_rank=0)
+    model = build_model(tiny_model_dir, config)
+    result = train(model, tokenizer, encoded, config)
+    losses = [r["loss"] for r in result.metrics]
+    assert len(losses) == 8
+    assert losses[-1] < 0.8 * losses[0]
+    assert "divergence" not in result.metrics[0]
+
+
+def test_full_finetuning_with_base_teacher_trains_all_weights(tiny_model_dir, tokenizer, encoded):
+    config = tiny_config(None, lora_rank=0, teacher="base", max_steps=1)
+    model = build_model(tiny_model_dir, config)
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    assert trainable == sum(p.numel() for p in model.hf_model.parameters())
+    before = snapshot(model)
+    train(model, tokenizer, encoded, config)
+    after = snapshot(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bad_examples_fail_before_any_model_work(tiny_model_dir, tokenizer, encoded):
+    config = tiny_config(None)
+    model = build_model(tiny_model_dir, config)
+    before = snapshot(model)
+    broken = list(encoded)
+    broken[1] = EncodedExample(
+        student_prompt_ids=[],
+        teacher_prompt_ids=broken[1].teacher_prompt_ids,
+        demonstration_ids=broken[1].demonstration_ids,
+        answers=None,
+        row=7,
+        source="facts.jsonl",
+    )
+    with pytest.raises(ValueError, match=r"facts\.jsonl row 7.*prompt"):
+        train(model, tokenizer, broken, config)
+    with pytest.raises(ValueError, match="no training examples"):
+        train(model, tokenizer, [], config)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+
+
+def test_crash_during_save_keeps_last_good_checkpoint(
+    tiny_model_dir, tokenizer, encoded, tmp_path, monkeypatch
+):
+    config = tiny_config(tmp_path, max_steps=2, save_every=1)
+    model = build_model(tiny_model_dir, config)
+    real_save_file = trainer_module.save_file
+    calls = {"n": 0}
+
+    def failing_save_file(tensors, filename, *args, **kwargs):
+        # Let the whole step-1 checkpoint through, then fail inside the step-2 save.
+        calls["n"] += 1
+        if Path(filename).name == "optimizer.safetensors" and calls["n"] > 5:
+            raise OSError("disk full (simulated)")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="simulated"):
+        train(model, tokenizer, encoded, config)
+    good = latest_checkpoint(tmp_path)
+    assert good is not None and good.name.endswith("0000001")
+    assert json.loads((good / "trainer_state.json").read_text())["step"] == 1
+    assert not list(tmp_path.glob(".tmp-*"))
+    # ...and training resumes from it.
+    monkeypatch.setattr(trainer_module, "save_file", real_save_file)
+    resumed = build_model(tiny_model_dir, config)
+    assert train(resumed, tokenizer, encoded, config, resume_from="latest").steps == 2
+
+
+def test_cosine_schedule_with_warmup():
+    kwargs = dict(warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
+    assert cosine_with_warmup(0, **kwargs) == pytest.approx(1 / 3)
+    assert cosine_with_warmup(1, **kwargs) == pytest.approx(2 / 3)
+    assert cosine_with_warmup(2, **kwargs) == pytest.approx(1.0)
+    assert cosine_with_warmup(6, **kwargs) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine_with_warmup(10, **kwargs) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("method", "dpo"), ("teacher", "frozen"), ("alpha", 1.5), ("batch_size", 0), ("max_steps", 0)],
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
