@@ -241,7 +241,7 @@ _RETENTION_PROBES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("What is 2 + 2?", ("4", "four")),
     ("What is 6 times 7?", ("42", "forty two")),
     ("What is 1 + 1?", ("2", "two")),
-    ("What is 100 divided by 10?", ("10", "ten")),
+    ("What is 5 times 5?", ("25", "twenty five")),
     ("What is 3 + 5?", ("8", "eight")),  # wrong before training
     # common facts
     ("How many days are in a week?", ("7", "seven")),

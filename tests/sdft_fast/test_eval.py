@@ -1,0 +1,267 @@
+"""Answer matching, greedy accuracy with a fake generator, HF generation, retention probes, KL drift."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sdft_fast.data import Example, byte_level_tokenizer, encode_examples, encode_prompt
+from sdft_fast.eval import (
+    HFGenerator,
+    ReferenceLogprobs,
+    answer_matches,
+    completion_logits,
+    evaluate_accuracy,
+    kl_from_reference,
+    normalize_text,
+    reference_logprobs,
+    retention_probes,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=264,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "prediction, answers, expected",
+    [
+        ("The capital of France is Paris.", ["Paris"], True),
+        ("paris", "PARIS", True),
+        ("It is  Ysolde\n Kerrigan!", ["ysolde kerrigan"], True),
+        ("Parisian food", ["Paris"], False),  # whole words only
+        ("The answer is 112.", ["12"], False),
+        ("The answer is 12.", ["12"], True),
+        ("It is 3,450 meters long.", ["3450"], True),  # thousands separators dropped
+        ("It is 3450 meters long.", ["3,450"], True),
+        ("Corvina 7 is a satellite", ["Corvina-7"], True),  # punctuation -> space on both sides
+        ("No idea.", ["Velmora", "Kerrigan"], False),
+        ("Kerrigan, I think", ["Velmora", "Kerrigan"], True),
+        ("Café au lait", ["CAFÉ"], True),
+        ("", ["x"], False),
+    ],
+)
+def test_answer_matches(prediction, answers, expected):
+    assert answer_matches(prediction, answers) is expected
+
+
+def test_answer_matches_rejects_empty_answer():
+    assert normalize_text("  Hello,   World! ") == "hello world"
+    with pytest.raises(ValueError, match="empty"):
+        answer_matches("anything", ["?!"])
+
+
+class FakeGenerator:
+    """Answers from a table keyed by the prompt text; records how it was called."""
+
+    def __init__(self, tokenizer, answers_by_prompt):
+        self.tokenizer = tokenizer
+        self.answers_by_prompt = answers_by_prompt
+        self.calls = []
+
+    def generate(
+        self, prompts, *, max_new_tokens, do_sample=True, eos_token_id=None, pad_token_id=None, **kwargs
+    ):
+        self.calls.append({"batch": len(prompts), "do_sample": do_sample, "max_new_tokens": max_new_tokens})
+        completions = []
+        for prompt in prompts:
+            text = self.tokenizer.decode(prompt)
+            answer = next((a for key, a in self.answers_by_prompt.items() if key in text), "I don't know")
+            completions.append(
+                self.tokenizer.encode(answer, add_special_tokens=False)[:max_new_tokens] + [eos_token_id]
+            )
+        return completions
+
+
+def test_evaluate_accuracy_with_fake_generator(tokenizer):
+    examples = [
+        Example(
+            "Who is mayor of Velmora?", "Ysolde Kerrigan is mayor.", ["Ysolde Kerrigan", "Kerrigan"], row=1
+        ),
+        Example("Capital of France?", "Paris.", ["Paris"], row=2, meta={"kind": "probe"}),
+        Example("What is 2+2?", "4", ["4", "four"], row=3),
+    ]
+    fake = FakeGenerator(
+        tokenizer, {"Velmora": "It is Mr. Kerrigan.", "France": "Lyon, I believe.", "2+2": "Four!"}
+    )
+    result = evaluate_accuracy(fake, tokenizer, examples, max_new_tokens=20, batch_size=2)
+    assert result["n"] == 3 and result["correct"] == 2
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert [r["correct"] for r in result["records"]] == [True, False, True]
+    assert result["records"][1]["prediction"] == "Lyon, I believe."  # EOS stripped when decoding
+    assert result["records"][1]["meta"] == {"kind": "probe"} and result["records"][2]["row"] == 3
+    assert [c["batch"] for c in fake.calls] == [2, 1]
+    assert all(c["do_sample"] is False and c["max_new_tokens"] == 20 for c in fake.calls)
+
+
+def test_evaluate_accuracy_teacher_view_sees_the_demonstration(tokenizer):
+    # The fake only knows the answer when the demonstration is in its prompt.
+    example = Example("Who won the Zephrin Prize?", "Odalys Fenwright won it.", ["Fenwright"], row=1)
+    fake = FakeGenerator(tokenizer, {"Odalys Fenwright won it": "Fenwright."})
+    assert evaluate_accuracy(fake, tokenizer, [example])["accuracy"] == 0.0
+    assert evaluate_accuracy(fake, tokenizer, [example], view="teacher")["accuracy"] == 1.0
+    # Pre-encoded examples pick the matching ids.
+    (encoded,) = encode_examples([example], tokenizer)
+    assert evaluate_accuracy(fake, tokenizer, [encoded], view="teacher")["accuracy"] == 1.0
+    assert evaluate_accuracy(fake, tokenizer, [encoded], view="student")["accuracy"] == 0.0
+
+
+def test_evaluate_accuracy_rejects_bad_arguments(tokenizer):
+    fake = FakeGenerator(tokenizer, {})
+    with pytest.raises(ValueError, match="no answer"):
+        evaluate_accuracy(fake, tokenizer, [Example("q", "d", None, row=4, source="f.jsonl")])
+    with pytest.raises(ValueError, match="view"):
+        evaluate_accuracy(fake, tokenizer, [Example("q", "d", ["a"])], view="both")
+    with pytest.raises(TypeError, match="generate"):
+        evaluate_accuracy(object(), tokenizer, [Example("q", "d", ["a"])])
+
+
+def greedy_reference(model, prompt, max_new_tokens, eos_id):
+    """Token-by-token argmax without a cache: the oracle for HFGenerator."""
+    ids = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(token)
+            ids.append(token)
+            if token == eos_id:
+                break
+    return out
+
+
+def test_hf_generator_greedy_matches_argmax_and_left_padding(tiny_model, tokenizer):
+    prompts = [encode_prompt(tokenizer, "Hi"), encode_prompt(tokenizer, "A much longer question here?")]
+    generator = HFGenerator(tiny_model)
+    batched = generator.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0)
+    for prompt, completion in zip(prompts, batched):
+        assert completion == greedy_reference(tiny_model, prompt, 6, eos_id=2)
+    sampled_a = generator.generate(prompts, max_new_tokens=5, do_sample=True, eos_token_id=2, seed=3)
+    sampled_b = generator.generate(prompts, max_new_tokens=5, do_sample=True, eos_token_id=2, seed=3)
+    assert sampled_a == sampled_b and all(1 <= len(c) <= 5 for c in sampled_a)
+
+
+def test_hf_generator_stops_at_eos():
+    class Scripted:
+        """An HF-like model whose generate returns fixed rows (EOS then padding)."""
+
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def generate(self, input_ids, attention_mask, **kwargs):
+            new = torch.tensor([[5, 6, 2, 0, 0], [7, 8, 9, 10, 11]])
+            return torch.cat([input_ids, new], dim=1)
+
+    completions = HFGenerator(Scripted()).generate(
+        [[1, 3], [4]], max_new_tokens=5, do_sample=False, eos_token_id=2, pad_token_id=0
+    )
+    assert completions == [[5, 6, 2], [7, 8, 9, 10, 11]]
+
+
+def test_retention_probes_are_well_formed():
+    probes = retention_probes()
+    assert 35 <= len(probes) <= 45
+    assert len({p.prompt for p in probes}) == len(probes)
+    for probe in probes:
+        assert isinstance(probe.prompt, str) and probe.prompt.strip()
+        assert probe.answers and all(normalize_text(a) for a in probe.answers)
+        # The answer is not given away by the question (except the echo-instruction probes).
+        if not probe.prompt.startswith(("Say", "Repeat", "Reply")):
+            assert not answer_matches(probe.prompt, probe.answers), probe.prompt
+
+
+class StudentWrapper:
+    """The `SelfDistillModel.forward_student` contract over a plain HF model (hidden states x lm_head)."""
+
+    def __init__(self, hf_model):
+        self.hf_model = hf_model
+        self.lm_head_weight = hf_model.lm_head.weight
+        self.lm_head_bias = None
+
+    def forward_student(self, prompts, completions):
+        rows = []
+        for prompt, completion in zip(prompts, completions):
+            ids = torch.tensor([prompt + completion])
+            hidden = self.hf_model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]  # [T, D]
+            rows.append(hidden[len(prompt) - 1 : len(prompt) + len(completion) - 1])
+
+        class Out:
+            student_hidden = torch.cat(rows)
+
+        return Out()
+
+    def generate(self, prompts, **kwargs):
+        return HFGenerator(self.hf_model).generate(prompts, **kwargs)
+
+
+def manual_kl(model_a, model_b, prompts, completions):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, completions):
+            ids = torch.tensor([prompt + completion])
+            sl = slice(len(prompt) - 1, len(prompt) + len(completion) - 1)
+            lp_a = torch.log_softmax(model_a(input_ids=ids).logits[0, sl].double(), -1)
+            lp_b = torch.log_softmax(model_b(input_ids=ids).logits[0, sl].double(), -1)
+            total += float((lp_a.exp() * (lp_a - lp_b)).sum())
+            count += len(completion)
+    return total / count
+
+
+def test_kl_from_reference_zero_for_start_model_and_matches_manual(tiny_model, tokenizer):
+    prompts = ["Tell me a story.", "What is rain?", "Name a fruit."]
+    reference = reference_logprobs(tiny_model, tokenizer, prompts, max_new_tokens=5)
+    assert isinstance(reference, ReferenceLogprobs)
+    n_tokens = sum(len(c) for c in reference.completions)
+    assert reference.logprobs.shape == (n_tokens, tiny_model.config.vocab_size)
+    assert kl_from_reference(tiny_model, reference) == pytest.approx(0.0, abs=1e-6)
+
+    trained = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for parameter in trained.model.layers[0].parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    drift = kl_from_reference(trained, reference)
+    expected = manual_kl(trained, tiny_model, reference.prompts, reference.completions)
+    assert drift > 1e-4
+    assert drift == pytest.approx(expected, rel=1e-4)
+    # The SelfDistillModel path (forward_student hidden x lm_head) gives the same number.
+    assert kl_from_reference(StudentWrapper(trained), reference) == pytest.approx(drift, rel=1e-4)
+
+    # A callable reference (logits of a frozen start copy) on the trained model's own continuations.
+    def start_logits(prompt_ids, completion_ids):
+        return completion_logits(tiny_model, prompt_ids, completion_ids)
+
+    drift_callable = kl_from_reference(trained, start_logits, tokenizer, prompts, max_new_tokens=5)
+    assert drift_callable > 1e-4
+    with pytest.raises(ValueError, match="tokenizer"):
+        kl_from_reference(trained, start_logits)
+
+
+def test_completion_logits_rows_predict_completion_tokens(tiny_model):
+    prompts, completions = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]]
+    logits = completion_logits(tiny_model, prompts, completions)  # [5, V]
+    assert logits.shape == (5, tiny_model.config.vocab_size)
+    with torch.no_grad():
+        full = tiny_model(input_ids=torch.tensor([[8, 11, 12, 13]])).logits[0]  # [4, V]
+    torch.testing.assert_close(logits[2:], full[:3])  # position of 8 predicts 11, ...
+    via_wrapper = completion_logits(StudentWrapper(tiny_model), prompts, completions)
+    torch.testing.assert_close(via_wrapper, logits, rtol=1e-4, atol=1e-4)
