@@ -60,17 +60,33 @@ MODE_JSD = 2  # 0 < alpha < 1: alpha KL(T || M) + (1 - alpha) KL(S || M), M = (1
 
 # Logit of a vocabulary column past V: exp(MASKED_LOGIT - anything real) == 0, and the
 # difference of two masked logits is exactly 0 (no inf - inf = nan on any path).
-MASKED_LOGIT = -1.0e30
+MASKED_LOGIT = tl.constexpr(-1.0e30)
 
-# Block configurations, tried in order on CUDA until one compiles and launches (a config that
-# runs out of shared memory or registers on some GPU falls through to a smaller one). Two
-# [64, 128] fp32 accumulators (student and teacher) plus the operand pipeline fit Hopper with
-# 8 warps; the second and third entries are conservative fallbacks.
-CUDA_CONFIGS = (
-    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
-    dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
-)
+# Block configurations per phase, tried in order on CUDA until one compiles and launches (a
+# config that runs out of shared memory or registers on some GPU falls through to the next).
+# Checked by compiling for sm_90 offline (Triton 3.6 and 3.9, bf16, 16-divisible shapes): the
+# first entries pipeline 3 stages (96-144 KiB shared memory) and use wgmma without register
+# spills (154-249 registers/thread at 8 warps). grad_hidden takes 256-wide vocabulary tiles:
+# its fp32 read-modify-write of dh costs traffic ~ N * V * D * 8 / BLOCK_V bytes, halved
+# against 128. Benchmarks may replace these tuples (the first working config is cached).
+CUDA_CONFIGS = {
+    "forward": (
+        dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+        dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
+        dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
+    ),
+    "grad_hidden": (
+        dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
+        dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+        dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
+        dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
+    ),
+    "grad_weight": (
+        dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+        dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
+        dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
+    ),
+}
 # Under the CPU interpreter every block op is a Python-level numpy call, so time grows with the
 # number of tiles: moderate blocks keep the tests fast while the test shapes (N=37, D=33,
 # V=301, ...) still span several ragged row, D and vocabulary tiles.
@@ -466,37 +482,39 @@ def _sdft_grad_weight_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-# Index into CUDA_CONFIGS of the first config that compiled and launched, per (phase, device,
-# dtype, mode, flags): later calls start there instead of retrying configs known to fail.
-_WORKING_CONFIG: dict[tuple, int] = {}
+# The first config that compiled and launched, per (phase, dtype, mode, flags, device): later
+# calls start from it instead of retrying configs known to fail.
+_WORKING_CONFIG: dict[tuple, dict] = {}
 
 
 def _with_config(phase_key: tuple, device: torch.device, run):
-    """``run(config)`` with the first block config that compiles and launches on ``device``.
+    """``run(config)`` with the first block config of the phase that compiles and launches.
 
-    ``run`` allocates its own buffers and launches the phase's kernels, so a retry starts from
-    scratch. Compile errors and out-of-resources errors happen before a kernel writes anything.
-    The interpreter (CPU tensors) always uses INTERPRETER_CONFIG.
+    ``phase_key[0]`` names the phase in CUDA_CONFIGS. ``run`` allocates its own buffers and
+    launches the phase's kernels, so a retry starts from scratch; compile and out-of-resources
+    errors happen before a kernel writes anything. CPU tensors (the interpreter) always use
+    INTERPRETER_CONFIG.
     """
     if device.type != "cuda":
         return run(INTERPRETER_CONFIG)
+    configs = list(CUDA_CONFIGS[phase_key[0]])
     key = (*phase_key, device.index)
-    first = _WORKING_CONFIG.get(key, 0)
-    for index in range(first, len(CUDA_CONFIGS)):
-        config = CUDA_CONFIGS[index]
+    if _WORKING_CONFIG.get(key) in configs:
+        configs = configs[configs.index(_WORKING_CONFIG[key]) :]
+    for index, config in enumerate(configs):
         try:
             result = run(config)
         except Exception as error:
-            if index == len(CUDA_CONFIGS) - 1:
+            if index == len(configs) - 1:
                 raise
             warnings.warn(
                 f"triton_sdft: {phase_key[0]} kernels failed with block config {config} "
-                f"({type(error).__name__}: {error}); retrying with a smaller config",
+                f"({type(error).__name__}: {error}); retrying with the next config",
                 RuntimeWarning,
                 stacklevel=3,
             )
             continue
-        _WORKING_CONFIG[key] = index
+        _WORKING_CONFIG[key] = config
         return result
     raise AssertionError("unreachable: the last config re-raises")
 
