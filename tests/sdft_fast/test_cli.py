@@ -1,0 +1,162 @@
+"""The `sdft-fast` command through a real subprocess: --help, a two-step train, bad data.
+
+The model is a random 2-layer Llama saved by the test with a byte-level
+tokenizer built from `tokenizers` primitives: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [sys.executable, "-m", "sdft_fast", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama + a byte-level chat tokenizer, saved as a local HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_cli_model")
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[token] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_help_lists_subcommands_and_train_options(tmp_path):
+    top = run_cli("--help", cwd=tmp_path)
+    assert top.returncode == 0, top.stderr
+    for command in ("train", "eval", "generate", "demo", "bench"):
+        assert command in top.stdout
+    train_help = run_cli("train", "--help", cwd=tmp_path)
+    assert train_help.returncode == 0, train_help.stderr
+    for flag in (
+        "--data",
+        "--model",
+        "--method",
+        "--resume",
+        "--alpha",
+        "--teacher",
+        "--lora-rank",
+        "--grad-accum",
+    ):
+        assert flag in train_help.stdout
+
+
+def test_two_step_train_writes_metrics_checkpoint_and_adapter(tiny_model_dir, tmp_path):
+    data = write_jsonl(
+        tmp_path / "facts.jsonl",
+        [
+            {"prompt": "Where is Vellmar?", "demonstration": "Vellmar is in Drevia."},
+            {"prompt": "Who built Kessan?", "privileged_context": "Oskar Renn built it."},
+            {"prompt": [{"role": "user", "content": "How tall is Ulm?"}], "demonstration": "41 m."},
+        ],
+    )
+    out = tmp_path / "run"
+    done = run_cli(
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        str(tiny_model_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--lora-rank",
+        "4",
+        "--skip-tokens",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["final_loss"] >= 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["completion_len_mean"] <= 5 for row in rows)
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert (Path(summary["last_checkpoint"]) / "trainer_state.json").is_file()
+
+
+def test_malformed_row_fails_before_training_naming_file_row_field(tiny_model_dir, tmp_path):
+    data = write_jsonl(
+        tmp_path / "broken.jsonl",
+        [
+            {"prompt": "Where is Vellmar?", "demonstration": "Vellmar is in Drevia."},
+            {"prompt": "Who built Kessan?"},  # row 2: no demonstration
+        ],
+    )
+    out = tmp_path / "run"
+    done = run_cli(
+        "train", "--data", str(data), "--model", str(tiny_model_dir), "--output-dir", str(out), cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert "broken.jsonl" in done.stderr and "row 2" in done.stderr and "demonstration" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists(), "nothing may be written before the data is valid"
+
+
+def test_bench_lists_the_trl_benchmark(tmp_path):
+    done = run_cli("bench", "--list", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "trl" in done.stdout
