@@ -20,6 +20,16 @@ from sdft_fast.eval import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny GEMMs gain nothing from threads, and on a busy 2-core machine OpenMP's spinning workers
+    make each tiny forward ~20x slower; restore the setting for the rest of the session."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return byte_level_tokenizer()
@@ -265,3 +275,29 @@ def test_completion_logits_rows_predict_completion_tokens(tiny_model):
     torch.testing.assert_close(logits[2:], full[:3])  # position of 8 predicts 11, ...
     via_wrapper = completion_logits(StudentWrapper(tiny_model), prompts, completions)
     torch.testing.assert_close(via_wrapper, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lora", ["lora", "full"])
+def test_with_self_distill_model(tiny_model, tokenizer, lora):
+    """The real contract: greedy eval through SelfDistillModel.generate, KL through forward_student,
+    for LoRA and for full fine-tuning (no adapter switching involved)."""
+    from sdft_fast.lora import LoraConfig
+    from sdft_fast.model import SelfDistillModel
+
+    model = SelfDistillModel(
+        copy.deepcopy(tiny_model), lora=LoraConfig(r=4, alpha=8) if lora == "lora" else None, teacher="base"
+    )
+    examples = [Example("Hi there", "d", ["x"], row=1), Example("What now?", "d", ["y"], row=2)]
+    via_model = evaluate_accuracy(model, tokenizer, examples, max_new_tokens=5)
+    via_hf = evaluate_accuracy(tiny_model, tokenizer, examples, max_new_tokens=5)
+    # A fresh adapter (B = 0) or untouched full weights answer exactly like the start model.
+    assert [r["prediction"] for r in via_model["records"]] == [r["prediction"] for r in via_hf["records"]]
+
+    reference = reference_logprobs(
+        tiny_model, tokenizer, ["Tell me a story.", "Name a fruit."], max_new_tokens=4
+    )
+    assert kl_from_reference(model, reference) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    assert kl_from_reference(model, reference) > 1e-4
