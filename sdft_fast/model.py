@@ -140,12 +140,8 @@ def varlen_causal_attention(
     if flash is not None:
         cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
         return flash(q, k, v, cu, cu, max(seq_lens), max(seq_lens), softmax_scale=scaling, causal=True)
-    if n_kv_heads != n_heads:
-        # Repeat KV heads explicitly: SDPA's enable_gqa drops to the math kernel on CPU,
-        # which saves the [H, L, L] probabilities for backward; the fused kernel saves O(L).
-        group = n_heads // n_kv_heads
-        k = k[:, :, None, :].expand(-1, -1, group, -1).reshape(k.shape[0], n_heads, k.shape[2])
-        v = v[:, :, None, :].expand(-1, -1, group, -1).reshape(v.shape[0], n_heads, v.shape[2])
+    # SDPA's enable_gqa keeps the fused CPU kernel and saves the un-repeated K/V for backward.
+    gqa = {"enable_gqa": True} if n_kv_heads != n_heads else {}
     # Group equal-length sequences into one [G, H, L, hd] batch: no padding, few calls.
     starts = [0]
     for length in seq_lens[:-1]:
@@ -155,21 +151,61 @@ def varlen_causal_attention(
         by_length.setdefault(length, []).append(start)
     pieces, row_order = [], []
     for length, group_starts in by_length.items():
-        rows = (
-            torch.tensor(group_starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
-        ).reshape(-1)
         g = len(group_starts)
-        qg = q[rows].view(g, length, n_heads, -1).transpose(1, 2)  # [G, H, L, hd]
-        kg = k[rows].view(g, length, n_heads, -1).transpose(1, 2)
-        vg = v[rows].view(g, length, n_heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scaling)  # [G, H, L, hd]
+        if group_starts == list(range(group_starts[0], group_starts[0] + g * length, length)):
+            # back-to-back block: a view, no gather copy
+            first = group_starts[0]
+            rows = torch.arange(first, first + g * length, device=q.device)
+            qg, kg, vg = (t[first : first + g * length] for t in (q, k, v))
+        else:
+            rows = (
+                torch.tensor(group_starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
+            ).reshape(-1)
+            qg, kg, vg = q[rows], k[rows], v[rows]
+        qg = qg.view(g, length, n_heads, -1).transpose(1, 2)  # [G, H, L, hd]
+        kg = kg.view(g, length, n_kv_heads, -1).transpose(1, 2)  # [G, Hkv, L, hd]
+        vg = vg.view(g, length, n_kv_heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            qg, kg, vg, is_causal=True, scale=scaling, **gqa
+        )  # [G, H, L, hd]
         pieces.append(out.transpose(1, 2).reshape(g * length, n_heads, -1))
         row_order.append(rows)
-    if len(pieces) == 1 and len(by_length) == 1 and len(seq_lens) == len(by_length[seq_lens[0]]):
-        return pieces[0]  # all sequences share one length: rows already in order
+    if len(pieces) == 1:
+        return pieces[0]  # one back-to-back group: rows already in order
     inverse = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
     inverse[torch.cat(row_order)] = torch.arange(q.shape[0], device=q.device)
     return torch.cat(pieces)[inverse]
+
+
+class _SiluGateMul(torch.autograd.Function):
+    """silu(gate) * up, saving only (gate, up) and recomputing silu in backward.
+
+    Autograd's op-by-op version keeps gate, silu(gate) and up: one [N, I] tensor more
+    per layer, the widest activations of the model.
+        d/dgate = grad * up * sig(gate) * (1 + gate * (1 - sig(gate)))
+        d/dup   = grad * silu(gate)
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up):  # [N, I] each
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        grad_gate = grad * up * sig * (1 + gate * (1 - sig)) if ctx.needs_input_grad[0] else None
+        grad_up = grad * gate * sig if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def _gated_activation(
+    mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor, hidden_act: str | None
+) -> torch.Tensor:
+    if hidden_act == "silu" and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SiluGateMul.apply(gate, up)
+    return mlp.act_fn(gate) * up
 
 
 class _Stream:
@@ -544,11 +580,12 @@ class SelfDistillModel(nn.Module):
             xs, xt = self._pair_norm(layer.post_attention_layernorm, student_h, teacher_h)
             gs, gt = pair_linear(mlp.gate_proj, xs, xt)
             us, ut = pair_linear(mlp.up_proj, xs, xt)
-            ms = mlp.act_fn(gs) * us
+            hidden_act = getattr(self.config, "hidden_act", None)
+            ms = _gated_activation(mlp, gs, us, hidden_act)
             mt = None
             if teacher is not None:
                 with torch.no_grad():
-                    mt = mlp.act_fn(gt) * ut
+                    mt = _gated_activation(mlp, gt, ut, hidden_act)
             ds, dt = pair_linear(mlp.down_proj, ms, mt)
             student_h = student_h + ds
             if teacher is not None:
