@@ -87,6 +87,13 @@ CUDA_CONFIGS = {
         dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
     ),
 }
+# fp32 inputs multiply in exact fp32 ("ieee", CUDA cores, no tensor cores): the bf16 tiles
+# above spill thousands of bytes and take ~40 s to compile there; these do not spill and
+# compile in seconds. fp32 on GPU is for tests and references, not for speed.
+FP32_CUDA_CONFIGS = (
+    dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
+    dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
+)
 # Under the CPU interpreter every block op is a Python-level numpy call, so time grows with the
 # number of tiles: moderate blocks keep the tests fast while the test shapes (N=37, D=33,
 # V=301, ...) still span several ragged row, D and vocabulary tiles.
@@ -490,25 +497,28 @@ _WORKING_CONFIG: dict[tuple, dict] = {}
 def _with_config(phase_key: tuple, device: torch.device, run):
     """``run(config)`` with the first block config of the phase that compiles and launches.
 
-    ``phase_key[0]`` names the phase in CUDA_CONFIGS. ``run`` allocates its own buffers and
-    launches the phase's kernels, so a retry starts from scratch; compile and out-of-resources
-    errors happen before a kernel writes anything. CPU tensors (the interpreter) always use
-    INTERPRETER_CONFIG.
+    ``phase_key`` starts with the phase (a key of CUDA_CONFIGS) and the input dtype. ``run``
+    allocates its own buffers and launches the phase's kernels, so a retry starts from scratch;
+    compile and out-of-resources errors happen before a kernel writes anything. CPU tensors
+    (the interpreter) always use INTERPRETER_CONFIG.
     """
     if device.type != "cuda":
         return run(INTERPRETER_CONFIG)
-    configs = list(CUDA_CONFIGS[phase_key[0]])
+    phase, dtype = phase_key[0], phase_key[1]
+    configs = list(FP32_CUDA_CONFIGS if dtype == torch.float32 else CUDA_CONFIGS[phase])
     key = (*phase_key, device.index)
     if _WORKING_CONFIG.get(key) in configs:
         configs = configs[configs.index(_WORKING_CONFIG[key]) :]
     for index, config in enumerate(configs):
         try:
-            result = run(config)
+            # Triton launches on the current CUDA device: make it the tensors' device.
+            with torch.cuda.device(device):
+                result = run(config)
         except Exception as error:
             if index == len(configs) - 1:
                 raise
             warnings.warn(
-                f"triton_sdft: {phase_key[0]} kernels failed with block config {config} "
+                f"triton_sdft: {phase} kernels failed with block config {config} "
                 f"({type(error).__name__}: {error}); retrying with the next config",
                 RuntimeWarning,
                 stacklevel=3,
