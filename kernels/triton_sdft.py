@@ -87,6 +87,16 @@ CUDA_CONFIGS = {
         dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
     ),
 }
+# Staged dh (``_sdft_grad_hidden_staged_kernel``): g for STAGE_V columns goes through a
+# per-program [BLOCK_N, STAGE_V] slab (N * STAGE_V elements in all: 16 MiB at N = 8192 bf16),
+# cutting the dh read-modify-write traffic STAGE_V / BLOCK_V times. Not the default until it
+# has been timed and checked on a GPU; to use it:
+#     triton_sdft.CUDA_CONFIGS["grad_hidden"] = triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS
+STAGED_GRAD_HIDDEN_CONFIGS = (
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, STAGE_V=1024, BLOCK_DH=128, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, STAGE_V=1024, BLOCK_DH=64, num_warps=8, num_stages=2),
+    *CUDA_CONFIGS["grad_hidden"],
+)
 # fp32 inputs multiply in exact fp32 ("ieee", CUDA cores, no tensor cores): the bf16 tiles
 # above spill thousands of bytes and take ~40 s to compile there; these do not spill and
 # compile in seconds. fp32 on GPU is for tests and references, not for speed.
@@ -406,6 +416,94 @@ def _sdft_grad_hidden_kernel(
 
 
 @triton.jit
+def _sdft_grad_hidden_staged_kernel(
+    student_ptr,  # [N, D] student hidden states
+    teacher_ptr,  # [N, D] teacher hidden states
+    weight_ptr,  # [V, D] LM head
+    bias_ptr,  # [V] bias (HAS_BIAS) or any pointer
+    lse_s_ptr,  # [N] fp32 student log-sum-exp (from the forward)
+    lse_t_ptr,  # [N] fp32 teacher log-sum-exp
+    aux_ptr,  # [N] fp32 reverse KL: E_s[z_s - z_t]; JSD: KL(S||M); forward KL: unused
+    grad_hidden_ptr,  # [N, D] fp32 in/out, zero-initialised: sum_v g[n, v] W[v, :]
+    stage_ptr,  # [row blocks, BLOCK_N, STAGE_V] scratch for g (GEMM operand dtype), one slab per program
+    N,
+    V,
+    D,
+    stride_h_n,
+    stride_w_v,
+    stride_w_d,
+    inv_temperature,
+    alpha,
+    log_one_minus_alpha,
+    log_alpha,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    STAGE_V: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    # Same result as _sdft_grad_hidden_kernel, with STAGE_V / BLOCK_V times less read-modify-
+    # write traffic on the fp32 dh rows: g for STAGE_V vocabulary columns is parked in this
+    # program's private [BLOCK_N, STAGE_V] slab (a few MiB in all, L2-resident), then
+    #   dh[rows, :] += g[:, stage] @ W[stage, :]
+    # runs as one plain GEMM whose accumulator visits each [BLOCK_N, BLOCK_DH] chunk of dh once
+    # per stage. Still deterministic (each program owns its rows and its slab), no atomics.
+    pid_n = tl.program_id(0)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+    aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
+    slab_ptr = stage_ptr + pid_n.to(tl.int64) * (BLOCK_N * STAGE_V)
+    slab_rows = tl.arange(0, BLOCK_N)[:, None] * STAGE_V  # [BLOCK_N, 1] offsets inside the slab
+
+    for v_stage in range(0, V, STAGE_V):
+        # 1) g for the stage's columns, tile by tile, into the slab (zeros past V and N).
+        for v_offset in range(0, STAGE_V, BLOCK_V):
+            cols = v_stage + v_offset + tl.arange(0, BLOCK_V).to(tl.int64)
+            col_mask = cols < V
+            z_s, z_t = _student_teacher_logits(
+                student_ptr, teacher_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, D,
+                stride_h_n, stride_w_v, stride_w_d, inv_temperature,
+                HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_IN_FP32,
+            )  # fmt: skip
+            g = _grad_student_logits(z_s, z_t, lse_s, lse_t, aux, alpha, log_one_minus_alpha, log_alpha, MODE)
+            g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+            slab_cols = v_offset + tl.arange(0, BLOCK_V)
+            tl.store(slab_ptr + slab_rows + slab_cols[None, :], g.to(stage_ptr.dtype.element_ty))
+        # The slab was written by all threads of the program and is read below by others:
+        # a CTA barrier orders those global-memory accesses.
+        tl.debug_barrier()
+        # 2) dh[rows, :] += slab @ W[stage, :], one [BLOCK_N, BLOCK_DH] accumulator at a time.
+        for d_start in range(0, D, BLOCK_DH):
+            ds = d_start + tl.arange(0, BLOCK_DH)
+            d_mask = ds < D
+            dh_ptrs = grad_hidden_ptr + rows[:, None] * D + ds[None, :]  # [BLOCK_N, BLOCK_DH]
+            dh_mask = row_mask[:, None] & d_mask[None, :]
+            dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
+            for k_offset in range(0, STAGE_V, BLOCK_V):
+                slab_cols = k_offset + tl.arange(0, BLOCK_V)
+                g_k = tl.load(slab_ptr + slab_rows + slab_cols[None, :])  # [BLOCK_N, BLOCK_V]
+                k_cols = v_stage + slab_cols.to(tl.int64)
+                w_k = tl.load(
+                    weight_ptr + k_cols[:, None] * stride_w_v + ds[None, :] * stride_w_d,
+                    mask=(k_cols < V)[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # [BLOCK_V, BLOCK_DH]
+                if DOT_IN_FP32:
+                    g_k = g_k.to(tl.float32)
+                    w_k = w_k.to(tl.float32)
+                dh = tl.dot(g_k, w_k, dh, input_precision=DOT_PRECISION)
+            tl.store(dh_ptrs, dh, mask=dh_mask)
+        # Every read of this stage's slab is done before the next stage overwrites it.
+        tl.debug_barrier()
+
+
+@triton.jit
 def _sdft_grad_weight_kernel(
     student_ptr,  # [N, D] student hidden states
     teacher_ptr,  # [N, D] teacher hidden states
@@ -686,11 +784,24 @@ def _backward(
 
         def run_hidden(config):
             summed = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)  # [N, D]
-            _sdft_grad_hidden_kernel[(triton.cdiv(num_tokens, config["BLOCK_N"]),)](
-                student, teacher, weight, bias_arg, lse_s, lse_t, aux, summed,
-                *shapes, inv_temperature, alpha, log_one_minus_alpha, log_alpha,
-                MODE=mode, HAS_BIAS=has_bias, **dot, **_launch_meta(config, device),
-            )  # fmt: skip
+            row_blocks = triton.cdiv(num_tokens, config["BLOCK_N"])
+            meta = _launch_meta(config, device)
+            common = (student, teacher, weight, bias_arg, lse_s, lse_t, aux, summed)
+            scalars = (*shapes, inv_temperature, alpha, log_one_minus_alpha, log_alpha)
+            if config.get("STAGE_V"):
+                # [row blocks, BLOCK_N, STAGE_V] slab per program for g, in the GEMM operand dtype
+                stage = torch.empty(
+                    (row_blocks, config["BLOCK_N"], config["STAGE_V"]), dtype=student.dtype, device=device
+                )
+                _sdft_grad_hidden_staged_kernel[(row_blocks,)](
+                    *common, stage, *scalars,
+                    MODE=mode, HAS_BIAS=has_bias, STAGE_V=config["STAGE_V"], BLOCK_DH=config["BLOCK_DH"],
+                    **dot, **meta,
+                )  # fmt: skip
+            else:
+                _sdft_grad_hidden_kernel[(row_blocks,)](
+                    *common, *scalars, MODE=mode, HAS_BIAS=has_bias, **dot, **meta
+                )
             return summed
 
         summed = _with_config(("grad_hidden", student.dtype, mode, has_bias), device, run_hidden)
