@@ -12,6 +12,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -87,10 +89,45 @@ def _separate_hidden(model: SelfDistillModel, prompts, completions, route, grad=
     return torch.cat(rows)
 
 
+def _mistral(seed=0):
+    torch.manual_seed(seed)
+    return MistralForCausalLM(
+        MistralConfig(vocab_size=VOCAB, head_dim=8, sliding_window=None, **SMALL)
+    ).eval()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: threading only adds overhead on the shared 2-core CI machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
-    "make", [_llama, _qwen2, _qwen3, _gpt2], ids=["llama", "qwen2", "qwen3", "gpt2-generic"]
+    "make, teacher",
+    [
+        (_llama, "ema"),
+        (_llama, "base"),
+        (_llama, "live"),
+        (_qwen2, "ema"),
+        (_qwen3, "live"),
+        (_mistral, "ema"),
+        (_gpt2, "ema"),
+        (_gpt2, "base"),
+    ],
+    ids=[
+        "llama-ema",
+        "llama-base",
+        "llama-live",
+        "qwen2-ema",
+        "qwen3-live",
+        "mistral-ema",
+        "gpt2-generic-ema",
+        "gpt2-generic-base",
+    ],
 )
-@pytest.mark.parametrize("teacher", ["ema", "base", "live"])
 def test_forward_pair_equals_separate_forwards(make, teacher):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -343,6 +380,27 @@ def test_bad_input_raises_clear_errors():
         SelfDistillModel(_llama(), teacher="frozen")
     with pytest.raises(ValueError, match="top_p"):
         model.generate([[1, 2]], max_new_tokens=2, top_p=0.0)
+
+
+def test_sliding_window_longer_than_sequences_falls_back_with_equal_results():
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, head_dim=8, sliding_window=4, **SMALL)).eval()
+    model = SelfDistillModel(hf, lora=LoraConfig(r=2, alpha=4), teacher="base")
+    assert model.fast_path
+    _randomize_adapters(model)
+    batch = _mixed_batch(6)
+    with pytest.warns(UserWarning, match="sliding_window=4"):
+        out = model.forward_pair(batch)
+    expected = _separate_hidden(model, batch.student_prompts, batch.completions, "student")
+    torch.testing.assert_close(out.student_hidden, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_gate_mul_gradient():
+    from sdft_fast.model import _SiluGateMul
+
+    gate = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SiluGateMul.apply, (gate, up))
 
 
 def test_unsupported_architecture_falls_back_and_says_so_once():
