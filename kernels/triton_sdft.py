@@ -30,13 +30,21 @@ Kernels and their grids:
   sum_v g[n, v] W[v, :] into the program's own rows of an fp32 [N, D] buffer (read-modify-write
   over D chunks; no other program touches those rows). The per-token incoming gradient and
   1/tau scale the rows afterwards.
+* ``_sdft_grad_hidden_staged_kernel`` (opt-in, see STAGED_GRAD_HIDDEN_CONFIGS): the same dh,
+  with g for STAGE_V columns parked in a per-program slab and multiplied by W as one GEMM, so
+  the fp32 dh rows are read and written STAGE_V / BLOCK_V times less often.
 * ``_sdft_grad_weight_kernel`` grid (vocabulary tiles,): only when W or b requires grad; each
   program owns its BLOCK_V rows of dW (fp32 read-modify-write) and of dbias (registers), looping
   over all row blocks.
 
+Cost, in units of one N x V x D GEMM: forward 2 (KL) or 4 (JSD: statistics, then loss), dh 3
+(both logit tiles again, then g @ W), dW 3 more. The dh read-modify-write moves about
+N * V * D * 8 / BLOCK_V bytes (N * V * D * 8 / STAGE_V staged).
+
 Extra memory: O(S * N) floats of statistics, 3 floats per token saved for backward, one fp32
-[N, D] buffer for dh when the inputs are not fp32, one fp32 [V, D] buffer for dW when W trains in
-a lower precision. Pointers are formed from int64 row/column indices (N*V and V*D pass 2^31).
+[N, D] buffer for dh (it is the result itself for fp32 inputs; staged: plus N * STAGE_V
+elements of slab), one fp32 [V, D] buffer for dW. Pointers are formed from int64 row/column
+indices (N*V and V*D pass 2^31).
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests): the interpreter's
 ``tl.dot`` cannot multiply bfloat16 (it stores them as uint16), so on CPU the dot operands are
@@ -112,6 +120,13 @@ INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=1, num_s
 PROGRAMS_PER_SM = 4
 # On CPU (interpreter) use a few splits so that the merge path is always exercised.
 INTERPRETER_SPLITS = 3
+
+# Integer arguments Triton should not specialize on (divisible by 16, equal to 1): they only
+# bound loops and masks, never align a vectorised load, so specializing them would only
+# multiply compiled variants (one per ragged test shape). D and the strides stay specialized:
+# their divisibility lets the loads of h and W use 16-byte async copies.
+_DO_NOT_SPECIALIZE = ["N", "V"]
+_DO_NOT_SPECIALIZE_SPLIT = ["N", "V", "columns_per_split"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -204,7 +219,7 @@ def _grad_student_logits(
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DO_NOT_SPECIALIZE_SPLIT)
 def _sdft_stats_kernel(
     student_ptr,  # [N, D] student hidden states
     teacher_ptr,  # [N, D] teacher hidden states
@@ -280,7 +295,7 @@ def _sdft_stats_kernel(
         tl.store(cross_ptr + out, cross, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DO_NOT_SPECIALIZE_SPLIT)
 def _sdft_jsd_loss_kernel(
     student_ptr,  # [N, D] student hidden states
     teacher_ptr,  # [N, D] teacher hidden states
@@ -344,7 +359,7 @@ def _sdft_jsd_loss_kernel(
     tl.store(kl_s_m_ptr + out, kl_s_m, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DO_NOT_SPECIALIZE)
 def _sdft_grad_hidden_kernel(
     student_ptr,  # [N, D] student hidden states
     teacher_ptr,  # [N, D] teacher hidden states
@@ -415,7 +430,7 @@ def _sdft_grad_hidden_kernel(
             tl.store(dh_ptrs, dh, mask=dh_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DO_NOT_SPECIALIZE)
 def _sdft_grad_hidden_staged_kernel(
     student_ptr,  # [N, D] student hidden states
     teacher_ptr,  # [N, D] teacher hidden states
@@ -503,7 +518,7 @@ def _sdft_grad_hidden_staged_kernel(
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DO_NOT_SPECIALIZE)
 def _sdft_grad_weight_kernel(
     student_ptr,  # [N, D] student hidden states
     teacher_ptr,  # [N, D] teacher hidden states
