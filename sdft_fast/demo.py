@@ -27,6 +27,23 @@ from sdft_fast.data import DataError, Example, parse_record
 
 DEMO_FACTS_PATH = Path(__file__).resolve().parent / "data" / "demo_facts.jsonl"
 
+# The teacher prompt to use on this demo (for training and for teacher-view evaluation). A 135M model
+# reads a fact in context far better when the fact comes first and it is asked for one short
+# sentence; with the paper's wording ("... including the thinking process") it mostly starts a
+# step-by-step preamble and never reaches the answer. Greedy in-context accuracy of
+# SmolLM2-135M-Instruct on the demo questions (fact = the document, 24 new tokens), direct / indirect:
+#   DEFAULT_TEACHER_TEMPLATE                                         50.0% / 27.5%
+#   "{demonstration}\n\n{prompt}"                                   67.5% / 75.0%
+#   "Here is a fact: {demonstration}\n\nUsing this fact, answer the question: {prompt}"
+#                                                                    70.0% / 45.0%
+#   "Fact: {demonstration}\n\nQuestion: {prompt}"                    75.0% /   -
+#   DEMO_TEACHER_TEMPLATE (below)                                    92.5% / 90.0%
+# Without the fact in context it answers 0% / 0%. The teacher's in-context accuracy bounds what
+# self-distillation can teach the student.
+DEMO_TEACHER_TEMPLATE = (
+    "Fact: {demonstration}\n\nQuestion: {prompt}\nAnswer with one short sentence that uses the fact."
+)
+
 
 @dataclass(frozen=True)
 class DemoData:
@@ -34,6 +51,7 @@ class DemoData:
     direct: list[Example]  # held-out questions with short answers; demonstration = the fact's document
     indirect: list[Example]  # questions that apply the fact; demonstration = the fact's document
     documents: dict[str, str]  # fact id -> document
+    teacher_template: str = DEMO_TEACHER_TEMPLATE  # pass to encode_examples / evaluate_accuracy
 
 
 def load_demo(path: str | os.PathLike | None = None) -> DemoData:

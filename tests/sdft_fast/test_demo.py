@@ -91,3 +91,18 @@ def test_malformed_demo_file_names_the_nested_field(tmp_path):
     path.write_text(good + "\n" + good + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="duplicate"):
         load_demo(path)
+
+
+def test_demo_teacher_template_puts_the_fact_in_the_teacher_prompt():
+    from sdft_fast.data import validate_teacher_template
+    from sdft_fast.demo import DEMO_TEACHER_TEMPLATE
+
+    demo = load_demo()
+    assert demo.teacher_template == DEMO_TEACHER_TEMPLATE
+    validate_teacher_template(demo.teacher_template)
+    tokenizer = byte_level_tokenizer()
+    row = demo.train[0]
+    (encoded,) = encode_examples([row], tokenizer, teacher_template=demo.teacher_template)
+    teacher_text = tokenizer.decode(encoded.teacher_prompt_ids)
+    assert f"Fact: {row.demonstration}\n\nQuestion: {row.prompt}" in teacher_text
+    assert row.demonstration not in tokenizer.decode(encoded.student_prompt_ids)
