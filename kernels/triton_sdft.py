@@ -477,8 +477,10 @@ def _sdft_grad_hidden_staged_kernel(
     slab_rows = tl.arange(0, BLOCK_N)[:, None] * STAGE_V  # [BLOCK_N, 1] offsets inside the slab
 
     for v_stage in range(0, V, STAGE_V):
+        # Columns of this stage that exist (the last stage may be short): whole tiles up to it.
+        stage_width = tl.minimum(V - v_stage, STAGE_V)
         # 1) g for the stage's columns, tile by tile, into the slab (zeros past V and N).
-        for v_offset in range(0, STAGE_V, BLOCK_V):
+        for v_offset in range(0, stage_width, BLOCK_V):
             cols = v_stage + v_offset + tl.arange(0, BLOCK_V).to(tl.int64)
             col_mask = cols < V
             z_s, z_t = _student_teacher_logits(
@@ -500,7 +502,7 @@ def _sdft_grad_hidden_staged_kernel(
             dh_ptrs = grad_hidden_ptr + rows[:, None] * D + ds[None, :]  # [BLOCK_N, BLOCK_DH]
             dh_mask = row_mask[:, None] & d_mask[None, :]
             dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
-            for k_offset in range(0, STAGE_V, BLOCK_V):
+            for k_offset in range(0, stage_width, BLOCK_V):
                 slab_cols = k_offset + tl.arange(0, BLOCK_V)
                 g_k = tl.load(slab_ptr + slab_rows + slab_cols[None, :])  # [BLOCK_N, BLOCK_V]
                 k_cols = v_stage + slab_cols.to(tl.int64)
