@@ -30,7 +30,7 @@ Kernels and their grids:
   sum_v g[n, v] W[v, :] into the program's own rows of an fp32 [N, D] buffer (read-modify-write
   over D chunks; no other program touches those rows). The per-token incoming gradient and
   1/tau scale the rows afterwards.
-* ``_sdft_grad_hidden_staged_kernel`` (opt-in, see STAGED_GRAD_HIDDEN_CONFIGS): the same dh,
+* ``_sdft_grad_hidden_staged_kernel`` (the default, see STAGED_GRAD_HIDDEN_CONFIGS): the same dh,
   with g for STAGE_V columns parked in a per-program slab and multiplied by W as one GEMM, so
   the fp32 dh rows are read and written STAGE_V / BLOCK_V times less often.
 * ``_sdft_grad_weight_kernel`` grid (vocabulary tiles,): only when W or b requires grad; each
@@ -70,44 +70,48 @@ MODE_JSD = 2  # 0 < alpha < 1: alpha KL(T || M) + (1 - alpha) KL(S || M), M = (1
 # difference of two masked logits is exactly 0 (no inf - inf = nan on any path).
 MASKED_LOGIT = tl.constexpr(-1.0e30)
 
-# Block configurations per phase, tried in order on CUDA until one compiles and launches (a
-# config that runs out of shared memory or registers on some GPU falls through to the next).
-# Checked by compiling for sm_90 offline (Triton 3.6 and 3.9, bf16, 16-divisible shapes): the
-# first entries pipeline 3 stages (96-144 KiB shared memory) and use wgmma without register
-# spills (154-249 registers/thread at 8 warps). grad_hidden takes 256-wide vocabulary tiles:
-# its fp32 read-modify-write of dh costs traffic ~ N * V * D * 8 / BLOCK_V bytes, halved
-# against 128. Benchmarks may replace these tuples (the first working config is cached).
+# dh without staging (``_sdft_grad_hidden_kernel``): each [BLOCK_N, BLOCK_V] tile of g goes
+# straight into the fp32 read-modify-write of dh, ~ N * V * D * 8 / BLOCK_V bytes of traffic
+# (hence 256-wide tiles first). The fallbacks of the staged configs below.
+DIRECT_GRAD_HIDDEN_CONFIGS = (
+    dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
+    dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
+)
+# Staged dh (``_sdft_grad_hidden_staged_kernel``, the default): g for STAGE_V columns goes
+# through a per-program [BLOCK_N, STAGE_V] slab (N * STAGE_V elements in all: 16 MiB at
+# N = 8192 in bf16, L2-resident), then one GEMM per stage adds slab @ W[stage] to dh: the dh
+# traffic drops to ~ N * V * D * 8 / STAGE_V bytes (8x less than direct 128-wide tiles).
+STAGED_GRAD_HIDDEN_CONFIGS = (
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, STAGE_V=1024, BLOCK_DH=128, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, STAGE_V=1024, BLOCK_DH=64, num_warps=8, num_stages=2),
+    *DIRECT_GRAD_HIDDEN_CONFIGS,
+)
+# Block configurations per phase (bf16/fp16), tried in order on CUDA until one compiles and
+# launches (a config that runs out of shared memory or registers on some GPU falls through to
+# the next; the first working one is cached). All were compiled offline for sm_90 with Triton
+# 3.6 and 3.9 (16-divisible shapes): the first entries pipeline 2-3 stages (64-144 KiB shared
+# memory) and use wgmma without register spills (154-255 registers/thread at 8 warps; the JSD
+# dh variant spills <= 64 bytes). Benchmarks may swap tuples, e.g.
+#     triton_sdft.CUDA_CONFIGS["grad_hidden"] = triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS
 CUDA_CONFIGS = {
     "forward": (
         dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
         dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
         dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
     ),
-    "grad_hidden": (
-        dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
-        dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
-        dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
-        dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
-    ),
+    "grad_hidden": STAGED_GRAD_HIDDEN_CONFIGS,
     "grad_weight": (
         dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
         dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
         dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
     ),
 }
-# Staged dh (``_sdft_grad_hidden_staged_kernel``): g for STAGE_V columns goes through a
-# per-program [BLOCK_N, STAGE_V] slab (N * STAGE_V elements in all: 16 MiB at N = 8192 bf16),
-# cutting the dh read-modify-write traffic STAGE_V / BLOCK_V times. Not the default until it
-# has been timed and checked on a GPU; to use it:
-#     triton_sdft.CUDA_CONFIGS["grad_hidden"] = triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS
-STAGED_GRAD_HIDDEN_CONFIGS = (
-    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, STAGE_V=1024, BLOCK_DH=128, num_warps=8, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, STAGE_V=1024, BLOCK_DH=64, num_warps=8, num_stages=2),
-    *CUDA_CONFIGS["grad_hidden"],
-)
 # fp32 inputs multiply in exact fp32 ("ieee", CUDA cores, no tensor cores): the bf16 tiles
 # above spill thousands of bytes and take ~40 s to compile there; these do not spill and
-# compile in seconds. fp32 on GPU is for tests and references, not for speed.
+# compile in seconds. fp32 on GPU is for tests and references, not for speed (its dh is
+# direct, so a GPU test run covers both dh kernels: staged in bf16/fp16, direct in fp32).
 FP32_CUDA_CONFIGS = (
     dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
     dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
@@ -115,7 +119,10 @@ FP32_CUDA_CONFIGS = (
 # Under the CPU interpreter every block op is a Python-level numpy call, so time grows with the
 # number of tiles: moderate blocks keep the tests fast while the test shapes (N=37, D=33,
 # V=301, ...) still span several ragged row, D and vocabulary tiles.
-INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=1, num_stages=1)
+# dh is staged as on GPU (two 64-wide tiles per stage, so stages are also ragged).
+INTERPRETER_CONFIG = dict(
+    BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, STAGE_V=128, BLOCK_DH=32, num_warps=1, num_stages=1
+)
 # On CUDA, aim for this many programs per SM in the split (forward) sweeps.
 PROGRAMS_PER_SM = 4
 # On CPU (interpreter) use a few splits so that the merge path is always exercised.
@@ -428,6 +435,9 @@ def _sdft_grad_hidden_kernel(
             dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
             dh = tl.dot(g_op, w, dh, input_precision=DOT_PRECISION)
             tl.store(dh_ptrs, dh, mask=dh_mask)
+        # The stored dh chunks are re-read by other threads for the next vocabulary tile (the
+        # store and load layouts can differ): a CTA barrier orders those global-memory accesses.
+        tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=_DO_NOT_SPECIALIZE)
@@ -595,6 +605,9 @@ def _sdft_grad_weight_kernel(
                 dw = tl.load(dw_ptrs, mask=dw_mask, other=0.0)
                 dw = tl.dot(g_op, h_s, dw, input_precision=DOT_PRECISION)
                 tl.store(dw_ptrs, dw, mask=dw_mask)
+        # The stored dW chunks are re-read by other threads for the next row block (the store and
+        # load layouts can differ): a CTA barrier orders those global-memory accesses.
+        tl.debug_barrier()
     if GRAD_BIAS:
         tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
 

@@ -309,36 +309,34 @@ def test_cuda_config_fallback_and_cache(monkeypatch):
         triton_sdft._with_config(("grad_hidden", torch.float16, 0), fake_cuda, always_fails)
 
 
+@pytest.mark.parametrize("variant", ["direct", "staged"])
 @pytest.mark.parametrize(
     "num_tokens,hidden,vocab,dtype,alpha",
     [
-        (37, 33, 301, torch.float32, 0.0),
         (37, 33, 301, torch.float32, 0.3),
         (70, 20, 130, torch.float32, 1.0),
         (7, 41, 41, torch.bfloat16, 0.5),
     ],
 )
-def test_staged_grad_hidden_variant(monkeypatch, num_tokens, hidden, vocab, dtype, alpha):
-    """The staged dh kernel (g parked in a per-program slab, several tiles per stage, the last
-    stage ragged) stays within the same error budget."""
-    if DEVICE.type == "cuda":
-        monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS)
-        monkeypatch.setattr(
-            triton_sdft,
-            "FP32_CUDA_CONFIGS",
-            (dict(triton_sdft.FP32_CUDA_CONFIGS[0], STAGE_V=256, BLOCK_DH=32),),
-        )
+def test_both_grad_hidden_kernels(monkeypatch, variant, num_tokens, hidden, vocab, dtype, alpha):
+    """The direct dh kernel (g straight into the dh read-modify-write) and the staged one (g
+    parked in a per-program slab, several tiles per stage, the last stage short) both stay
+    within the error budget, whichever the default config picks for this dtype/device."""
+    interp = {k: v for k, v in triton_sdft.INTERPRETER_CONFIG.items() if k not in ("STAGE_V", "BLOCK_DH")}
+    fp32 = dict(triton_sdft.FP32_CUDA_CONFIGS[0])
+    if variant == "staged":
+        interp.update(STAGE_V=128, BLOCK_DH=32)
+        fp32.update(STAGE_V=256, BLOCK_DH=32)
+        kernel_name, low_precision = "_sdft_grad_hidden_staged_kernel", triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS
     else:
-        monkeypatch.setattr(
-            triton_sdft, "INTERPRETER_CONFIG", dict(triton_sdft.INTERPRETER_CONFIG, STAGE_V=128, BLOCK_DH=32)
-        )
+        kernel_name, low_precision = "_sdft_grad_hidden_kernel", triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS
+    monkeypatch.setattr(triton_sdft, "INTERPRETER_CONFIG", interp)
+    monkeypatch.setattr(triton_sdft, "FP32_CUDA_CONFIGS", (fp32,))
+    monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", low_precision)
     launched = []
-    real_kernel = triton_sdft._sdft_grad_hidden_staged_kernel
-    monkeypatch.setattr(
-        triton_sdft,
-        "_sdft_grad_hidden_staged_kernel",
-        type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or real_kernel[grid]})(),
-    )
+    real_kernel = getattr(triton_sdft, kernel_name)
+    spy = type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or real_kernel[grid]})()
+    monkeypatch.setattr(triton_sdft, kernel_name, spy)
     student, teacher, weight, bias = make_inputs(num_tokens, hidden, vocab, dtype, bias=True, seed=3)
     grad_out = torch.rand(num_tokens, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     assert_within_budget(
@@ -352,4 +350,4 @@ def test_staged_grad_hidden_variant(monkeypatch, num_tokens, hidden, vocab, dtyp
         weight_grad=False,
         bias_grad=False,
     )
-    assert launched, "the staged kernel did not run"
+    assert launched, f"{kernel_name} did not run"
