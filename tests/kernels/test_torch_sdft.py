@@ -190,5 +190,7 @@ def test_peak_memory_is_bounded_independent_of_vocab():
     extra = int(out.stdout.split()[-1])
     assert extra < n * v * 4 / 4, f"torch path added {extra / 2**20:.0f} MiB to peak RSS"
     # The measurement can see a full-logit peak: the reference path adds several times N*V*4.
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, "reference"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, "reference"], capture_output=True, text=True, check=True
+    )
     assert int(out.stdout.split()[-1]) > n * v * 4, "the memory probe failed to see the reference's logits"
