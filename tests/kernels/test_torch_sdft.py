@@ -159,7 +159,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     from sdft_kernels.torch_sdft import torch_token_losses
     from sdft_kernels.reference import reference_token_losses
     torch.set_num_threads(2)
-    n, v, d = 8192, 65536, 64
+    n, v, d = int(sys.argv[2]), 65536, 64
     g = torch.Generator().manual_seed(0)
     h_s = torch.randn(n, d, generator=g).requires_grad_()
     h_t = torch.randn(n, d, generator=g)
@@ -184,13 +184,12 @@ MEMORY_SCRIPT = textwrap.dedent(
 def test_peak_memory_is_bounded_independent_of_vocab():
     """N=8192, V=65536, D=64 fp32: the torch path adds < N*V*4/4 bytes to peak RSS."""
     n, v = 8192, 65536
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, "torch"], capture_output=True, text=True, check=True
+    probe = lambda impl, tokens: subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, impl, str(tokens)], capture_output=True, text=True, check=True
     )
-    extra = int(out.stdout.split()[-1])
+    extra = int(probe("torch", n).stdout.split()[-1])
     assert extra < n * v * 4 / 4, f"torch path added {extra / 2**20:.0f} MiB to peak RSS"
-    # The measurement can see a full-logit peak: the reference path adds several times N*V*4.
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, "reference"], capture_output=True, text=True, check=True
-    )
-    assert int(out.stdout.split()[-1]) > n * v * 4, "the memory probe failed to see the reference's logits"
+    # The probe does see a full-logit peak: the reference adds several times N*V*4 (checked at
+    # N=1024 to keep the test light).
+    extra_ref = int(probe("reference", 1024).stdout.split()[-1])
+    assert extra_ref > 1024 * v * 4, "the memory probe failed to see the reference's logits"
