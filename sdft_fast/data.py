@@ -366,7 +366,7 @@ def encode_prompt(tokenizer, prompt: str | list[dict], use_chat_template: bool |
     return _encode_text(tokenizer, _plain_text(prompt), add_special_tokens=True)
 
 
-def _eos_token_ids(tokenizer) -> int:
+def _eos_token_id(tokenizer) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
@@ -396,7 +396,7 @@ def encode_examples(
     validate_teacher_template(teacher_template)
     if use_chat_template is None:
         use_chat_template = has_chat_template(tokenizer)
-    eos_id = _eos_token_ids(tokenizer)
+    eos_id = _eos_token_id(tokenizer)
     encoded = []
     for example in examples:
         student_ids = encode_prompt(tokenizer, example.prompt, use_chat_template)
