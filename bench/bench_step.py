@@ -280,6 +280,8 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch.set_num_threads in workers (0 = default)"
     )
     parser.add_argument("--no-csv", action="store_true", help="print the table only")
+    parser.add_argument("--csv", type=Path, default=RESULTS / "step.csv", help="CSV to append rows to")
+    parser.add_argument("--png", type=Path, default=RESULTS / "step.png", help="plot of this run")
     # worker mode (one measurement, JSON on stdout)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -370,9 +372,9 @@ def main() -> None:
         f"\n{env['device']}, torch {env['torch']}, transformers {transformers.__version__}, commit {env['commit']}"
     )
     if not args.no_csv:
-        harness.append_csv(RESULTS / "step.csv", rows)
-        plot(rows, RESULTS / "step.png")
-        print(f"appended {len(rows)} rows to {RESULTS / 'step.csv'}; plot {RESULTS / 'step.png'}")
+        harness.append_csv(args.csv, rows)
+        plot(rows, args.png)
+        print(f"appended {len(rows)} rows to {args.csv}; plot {args.png}")
 
 
 if __name__ == "__main__":
