@@ -351,3 +351,32 @@ def test_both_grad_hidden_kernels(monkeypatch, variant, num_tokens, hidden, voca
         bias_grad=False,
     )
     assert launched, f"{kernel_name} did not run"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "alpha,weight_grad,variant",
+    [(0.0, False, "staged"), (0.5, False, "staged"), (1.0, True, "staged"), (0.0, False, "direct")],
+)
+def test_cuda_aligned_shape_fast_path(monkeypatch, alpha, weight_grad, variant):
+    """On a GPU, a 16-aligned bf16 shape takes the code path of real models (specialized
+    strides, 16-byte async copies, 3-stage pipelines, wgmma), which the ragged shapes above do
+    not reach; V = 2600 gives two full dh stages and a short one, N = 300 a ragged row block
+    and one-tile vocabulary splits."""
+    if DEVICE.type != "cuda":
+        pytest.skip("the aligned fast path is only compiled on CUDA (too slow for the interpreter)")
+    if variant == "direct":
+        monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS)
+    student, teacher, weight, bias = make_inputs(300, 256, 2600, torch.bfloat16, bias=False, seed=5)
+    grad_out = torch.rand(300, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    assert_within_budget(
+        student,
+        teacher,
+        weight,
+        bias,
+        grad_out,
+        alpha=alpha,
+        temperature=1.0,
+        weight_grad=weight_grad,
+        bias_grad=False,
+    )
