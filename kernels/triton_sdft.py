@@ -886,6 +886,7 @@ class TritonSelfDistillFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels build no graph: no double backward
     def backward(ctx, grad_loss):
         student, teacher, weight, bias, lse_s, lse_t, aux = ctx.saved_tensors
         need_hidden, _, need_weight, need_bias = ctx.needs_input_grad[:4]
