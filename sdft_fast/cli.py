@@ -371,18 +371,32 @@ def cmd_bench(args) -> int:
 
 # ----------------------------------------------------------------------------- demo
 
-# Demo defaults, tuned on SmolLM2-135M-Instruct with 2 CPU threads so that the whole demo (start
-# evaluation, two trainings, two evaluations) fits in 15 minutes. See bench/results/demo.md.
+# The demo's teacher prompt: the reference wording minus "including the thinking process". A 135M
+# model follows that clause literally: its in-context answers open with "To answer this question,
+# let's break it down step by step", and self-distillation teaches the student exactly that style
+# instead of the facts (measured: 0% new-fact accuracy and retention down from 90% to 35-47% after
+# 60 steps, for every lr/skip/alpha tried). Asking for a plain answer keeps the fact in the teacher's
+# first tokens, which is also why no completion tokens are masked (skip_tokens=0) here.
+DEMO_TEACHER_TEMPLATE = (
+    "{prompt}\n\n"
+    "This is an example for a response to the question:\n"
+    "{demonstration}\n\n"
+    "Now answer with a response of your own."
+)
+
+# Demo defaults for SmolLM2-135M-Instruct on 2 CPU threads: the whole demo (start evaluation, two
+# trainings, two evaluations) is sized to fit in 15 minutes (an SDFT step with 16-token rollouts takes
+# about 5 s, an SFT step about 1.5 s on a 2-core EPYC). See bench/results/demo.md for what it shows.
 DEMO_DEFAULTS: dict[str, Any] = {
-    "sdft_steps": 60,
+    "sdft_steps": 80,
     "sdft_lr": 1e-3,
-    "sft_steps": 30,
-    "sft_lr": 5e-4,
+    "sft_steps": 60,
+    "sft_lr": 3e-4,
     "lora_rank": 16,
     "batch_size": 8,
-    "max_new_tokens": 32,
+    "max_new_tokens": 16,
     "eval_max_new_tokens": 32,
-    "skip_tokens": 3,
+    "skip_tokens": 0,
     "ema_rate": 0.01,
     "teacher": "ema",
     "warmup_steps": 5,
@@ -436,7 +450,7 @@ def _demo_scores(model, tokenizer, demo, reference, args, *, teacher_view: bool 
     if teacher_view:
         # The fact in context: what the teacher can answer, the ceiling self-distillation works under.
         scores["direct_in_context"] = evaluate_accuracy(
-            model, tokenizer, demo.direct, view="teacher", **kwargs
+            model, tokenizer, demo.direct, view="teacher", teacher_template=args.teacher_template, **kwargs
         )["accuracy"]
     scores["eval_s"] = time.perf_counter() - started
     return scores
@@ -460,13 +474,17 @@ def run_demo(args) -> dict[str, Any]:
     report_dir = Path(args.report_dir)
     runs_dir = report_dir / "demo_runs"
     limits = DataLimits(max_prompt_tokens=256, max_teacher_prompt_tokens=1024, max_completion_tokens=128)
-    encoded = encode_examples(demo.train, tokenizer, limits=limits)
+    encoded = encode_examples(demo.train, tokenizer, limits=limits, teacher_template=args.teacher_template)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
         if method not in ("sdft", "sft"):
             raise ValueError(f"--methods: unknown method {method!r} (sdft, sft)")
 
-    results: dict[str, Any] = {"settings": {k: getattr(args, k) for k in DEMO_DEFAULTS}, "methods": {}}
+    results: dict[str, Any] = {
+        "settings": {k: getattr(args, k) for k in DEMO_DEFAULTS},
+        "teacher_template": args.teacher_template,
+        "methods": {},
+    }
     model = None
     for index, method in enumerate(methods):
         config = _demo_train_config(method, args, runs_dir)
@@ -569,6 +587,7 @@ def _write_demo_report(results: dict[str, Any], report_dir: Path, *, model_name:
         f"{start.get('direct_in_context', float('nan')):.1%} of the direct questions: the ceiling for what "
         "self-distillation can transfer from this teacher.",
         "- Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".",
+        f"- Teacher prompt template: `{results.get('teacher_template', '')!r}`.",
         "",
         "![SDFT vs SFT](demo.png)",
         "",
@@ -671,7 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
             demo_parser.add_argument(flag, choices=["ema", "base", "live"], default=value)
         else:
             demo_parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
-    demo_parser.add_argument("--eval-batch-size", type=int, default=8)
+    demo_parser.add_argument("--eval-batch-size", type=int, default=20)
+    demo_parser.add_argument(
+        "--teacher-template",
+        default=DEMO_TEACHER_TEMPLATE,
+        help="teacher prompt with {prompt} and {demonstration}",
+    )
     demo_parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo_parser.add_argument("--no-progress", action="store_true")
     demo_parser.set_defaults(handler=cmd_demo)

@@ -71,6 +71,7 @@ class TrainConfig:
     # -- loss
     alpha: float = 0.0  # 0 forward KL(T||S), 1 reverse KL(S||T), between: generalized JSD
     loss_temperature: float = 1.0  # softmax temperature of both distributions inside the divergence
+    loss_impl: str = "auto"  # "auto" (triton on CUDA, chunked torch elsewhere) | "torch" | "triton"
     skip_tokens: int = 3  # the first completion tokens carry little signal about the demonstration
     num_iterations: int = 1  # optimizer passes over one batch of rollouts
     importance_cap: float = 2.0  # clip of the importance ratio when num_iterations > 1
@@ -148,6 +149,8 @@ class TrainConfig:
             fail("min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
         if self.weight_decay < 0:
             fail("weight_decay", self.weight_decay, "must be >= 0")
+        if self.loss_impl not in ("auto", "torch", "triton"):
+            fail("loss_impl", self.loss_impl, "must be auto, torch or triton")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             fail("dtype", self.dtype, "must be auto, float32, bfloat16 or float16")
 
@@ -688,6 +691,7 @@ class Trainer:
             token_weights=token_weights,
             sequence_ids=out.sequence_ids,
             reduction="sequence_mean",
+            impl=config.loss_impl,
         )
         if token_weights is None:
             divergence = float(loss.detach())
@@ -704,6 +708,7 @@ class Trainer:
                         loss_mask=loss_mask,
                         sequence_ids=out.sequence_ids,
                         reduction="sequence_mean",
+                        impl=config.loss_impl,
                     )
                 )
         stats = {"sequences": len(keep), "tokens": int(loss_mask.sum()), "divergence": divergence}
