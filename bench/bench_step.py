@@ -20,13 +20,11 @@ later peaks are invisible); the kernel's peak-RSS mark is reset (/proc/self/clea
 after the warmup step, and VmHWM - VmRSS(before) is reported (ru_maxrss when the reset is
 unavailable). CUDA: torch.cuda.max_memory_allocated above the allocation before the step.
 
-On the shared 2-core CPU machine one full-depth SmolLM2-135M step takes minutes; the CPU
-table in the README uses the issue's batch/sequence shape with --layers 4 (the per-layer
-work and the LM-head/loss work are both present; the ratio shifts toward the loss).
+CPU workers use one thread by default: on the shared 2-core machine two OpenMP threads
+spin against the other jobs and ran 10-30x slower than one.
 
     python bench/bench_step.py --quick                  # short CPU run (4-layer models, small batch)
-    python bench/bench_step.py --layers 4 --repeats 1   # the issue's batch/sequence shape on CPU
-    python bench/bench_step.py                          # full depth on CPU (very slow: hours on 2 cores)
+    python bench/bench_step.py --repeats 2              # the issue's shapes on CPU (~20 min, 1 thread)
     python bench/bench_step.py --device cuda            # GPU (bf16), well under 90 s
 """
 
@@ -208,17 +206,23 @@ def measure(args) -> dict:
     else:
         reset_ok = _reset_peak_rss()
         before = _status_kib("VmRSS") * 1024 if reset_ok else harness.peak_rss_bytes()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run()
         harness.synchronize(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - before
     else:
         peak = (_status_kib("VmHWM") * 1024 if reset_ok else harness.peak_rss_bytes()) - before
-    return {"time_s": statistics.median(times), "time_min_s": min(times), "peak_bytes": max(peak, 0)}
+    return {
+        "time_s": statistics.median(times),
+        "time_min_s": min(times),
+        "cpu_s": statistics.median(cpu_times),
+        "peak_bytes": max(peak, 0),
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -290,6 +294,8 @@ def main() -> None:
     if args.quick:
         args.batch, args.prompt, args.demo, args.completion = 2, 32, 32, 32
         args.layers = args.layers or 4
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
     if args.repeats is None:
         args.repeats = 5 if args.device == "cuda" else (2 if args.quick else 3)
 
@@ -347,6 +353,9 @@ def main() -> None:
                 "repeats": args.repeats,
                 "time_s": f"{result['time_s']:.3f}" if "time_s" in result else "",
                 "time_min_s": f"{result['time_min_s']:.3f}" if "time_min_s" in result else "",
+                # CPU seconds of this process (all threads): on a shared machine this tracks
+                # the work done far better than wall time, which other jobs inflate.
+                "cpu_s": f"{result['cpu_s']:.3f}" if "cpu_s" in result else "",
                 "peak_mib": f"{result['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in result else "",
                 "error": result.get("error", ""),
             }
@@ -361,11 +370,24 @@ def main() -> None:
         base = next((r for r in rows if r["model"] == row["model"] and r["method"] == "trl_style"), None)
         ok = base and base["time_s"] and row["time_s"] and base["peak_mib"] and row["peak_mib"]
         row["speedup_vs_trl"] = f"{float(base['time_s']) / float(row['time_s']):.2f}" if ok else ""
+        row["cpu_speedup_vs_trl"] = f"{float(base['cpu_s']) / float(row['cpu_s']):.2f}" if ok else ""
         row["mem_vs_trl"] = f"{float(row['peak_mib']) / max(float(base['peak_mib']), 1.0):.2f}" if ok else ""
     print()
     print(
         harness.markdown_table(
-            rows, ["model", "method", "layers", "time_s", "speedup_vs_trl", "peak_mib", "mem_vs_trl", "error"]
+            rows,
+            [
+                "model",
+                "method",
+                "layers",
+                "time_s",
+                "speedup_vs_trl",
+                "cpu_s",
+                "cpu_speedup_vs_trl",
+                "peak_mib",
+                "mem_vs_trl",
+                "error",
+            ],
         )
     )
     print(
