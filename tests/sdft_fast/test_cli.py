@@ -137,6 +137,28 @@ def test_two_step_train_writes_metrics_checkpoint_and_adapter(tiny_model_dir, tm
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert (Path(summary["last_checkpoint"]) / "trainer_state.json").is_file()
 
+    # The trained adapter evaluates: accuracy on rows with answers, retention, KL from the start.
+    answers = write_jsonl(tmp_path / "questions.jsonl", [{"prompt": "Where is Vellmar?", "answer": "Drevia"}])
+    evaluated = run_cli(
+        "eval",
+        "--data",
+        str(answers),
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(out / "final"),
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads(evaluated.stdout)
+    assert report["n"] == 1 and 0.0 <= report["accuracy"] <= 1.0
+    assert 0.0 <= report["retention_accuracy"] <= 1.0
+    assert report["kl_from_start"] > 0.0  # two steps moved the adapter away from B = 0
+
 
 def test_malformed_row_fails_before_training_naming_file_row_field(tiny_model_dir, tmp_path):
     data = write_jsonl(
