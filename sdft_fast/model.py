@@ -23,6 +23,9 @@ Two ways to get them, same API and same numbers:
   only its own earlier tokens (flash-attn varlen on CUDA when installed, else
   SDPA per group of equal-length sequences, which wastes no FLOPs on padding).
   Only student rows enter autograd; teacher rows save nothing for backward.
+  The stream is routed by row blocks (student rows first, then teacher rows)
+  rather than by a per-token route tensor: the same routing, with no index
+  gathers; ``lora.lora_route(tensor)`` remains for HF forwards over mixed batches.
 * Generic path (any other ``AutoModelForCausalLM``): a right-padded teacher
   pass under ``torch.no_grad``, then the student pass, through the HF backbone
   with the LoRA route set per pass.
