@@ -241,7 +241,7 @@ def main(argv=None):
                     flush=True,
                 )
 
-    plot(rows, args.out_dir / "loss.png")
+    plot(rows, args.out_dir / f"loss_{args.device}.png")
     # Ratios against the naive formula and Liger, within this run.
     table = []
     for row in rows:

@@ -11,6 +11,8 @@ mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PY=python3
+# The device copy of the tree has no .git: record the commit for the CSV rows when we know it.
+export SDFT_COMMIT="${SDFT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
 if ! $PY -c "import sdft_fast, sdft_kernels" 2>/dev/null; then
     PKG_DIR="$(mktemp -d)"

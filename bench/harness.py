@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
+    """Short commit of the checkout (-dirty when tracked files differ); $SDFT_COMMIT where no .git travels."""
+    if os.environ.get("SDFT_COMMIT"):
+        return os.environ["SDFT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
