@@ -617,9 +617,12 @@ def _sdft_grad_weight_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-# The first config that compiled and launched, per (phase, dtype, mode, flags, device): later
-# calls start from it instead of retrying configs known to fail.
-_WORKING_CONFIG: dict[tuple, dict] = {}
+# The first config that compiled and launched, per (phase, dtype, mode, flags, device), with the
+# config list it was picked from: later calls with the SAME list start from it instead of
+# retrying configs known to fail. A different list (a benchmark or test swapping CUDA_CONFIGS
+# entries) starts from its own first entry: otherwise a direct-dh config cached from a direct-only
+# list, which also ends the staged list, would silently skip the staged kernel forever.
+_WORKING_CONFIG: dict[tuple, tuple[list, dict]] = {}
 
 
 def _with_config(phase_key: tuple, device: torch.device, run):
@@ -635,8 +638,10 @@ def _with_config(phase_key: tuple, device: torch.device, run):
     phase, dtype = phase_key[0], phase_key[1]
     configs = list(FP32_CUDA_CONFIGS if dtype == torch.float32 else CUDA_CONFIGS[phase])
     key = (*phase_key, device.index)
-    if _WORKING_CONFIG.get(key) in configs:
-        configs = configs[configs.index(_WORKING_CONFIG[key]) :]
+    all_configs = list(configs)
+    cached = _WORKING_CONFIG.get(key)
+    if cached is not None and cached[0] == all_configs and cached[1] in configs:
+        configs = configs[configs.index(cached[1]) :]
     for index, config in enumerate(configs):
         try:
             # Triton launches on the current CUDA device: make it the tensors' device.
@@ -652,7 +657,7 @@ def _with_config(phase_key: tuple, device: torch.device, run):
                 stacklevel=3,
             )
             continue
-        _WORKING_CONFIG[key] = config
+        _WORKING_CONFIG[key] = (all_configs, config)
         return result
     raise AssertionError("unreachable: the last config re-raises")
 

@@ -309,6 +309,31 @@ def test_cuda_config_fallback_and_cache(monkeypatch):
         triton_sdft._with_config(("grad_hidden", torch.float16, 0), fake_cuda, always_fails)
 
 
+def test_cuda_config_cache_is_per_config_list(monkeypatch):
+    """A config cached from one list must not short-cut a different list that also contains it.
+
+    The GPU run of test_both_grad_hidden_kernels[...-staged] failed this way: the direct variant
+    cached DIRECT_GRAD_HIDDEN_CONFIGS[0] for (bf16, JSD, bias); the staged list ends with the
+    direct configs, so the staged variant started from the cached direct one and the staged
+    kernel never ran. (Launcher logic only: the kernels are replaced by a stub.)"""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(triton_sdft, "_WORKING_CONFIG", {})
+    fake_cuda = torch.device("cuda", 0)
+    key = ("grad_hidden", torch.bfloat16, triton_sdft.MODE_JSD, True)
+    tried = []
+    run = lambda config: tried.append(config) or config  # noqa: E731
+    monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS)
+    assert triton_sdft._with_config(key, fake_cuda, run) == triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS[0]
+    monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS)
+    assert triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS[0] in triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS
+    first_staged = triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS[0]
+    assert "STAGE_V" in first_staged
+    assert triton_sdft._with_config(key, fake_cuda, run) == first_staged
+    assert triton_sdft._with_config(key, fake_cuda, run) == first_staged
+
+
 @pytest.mark.parametrize("variant", ["direct", "staged"])
 @pytest.mark.parametrize(
     "num_tokens,hidden,vocab,dtype,alpha",
@@ -333,6 +358,7 @@ def test_both_grad_hidden_kernels(monkeypatch, variant, num_tokens, hidden, voca
     monkeypatch.setattr(triton_sdft, "INTERPRETER_CONFIG", interp)
     monkeypatch.setattr(triton_sdft, "FP32_CUDA_CONFIGS", (fp32,))
     monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", low_precision)
+    monkeypatch.setattr(triton_sdft, "_WORKING_CONFIG", {})  # no config cached by earlier tests
     launched = []
     real_kernel = getattr(triton_sdft, kernel_name)
     spy = type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or real_kernel[grid]})()
