@@ -281,7 +281,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch.set_num_threads in workers (0 = default)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads in workers (default: 1 on CPU, torch's default on CUDA). On a shared "
+        "2-core machine two OpenMP threads spin against other jobs and run 10-30x slower than one.",
     )
     parser.add_argument("--no-csv", action="store_true", help="print the table only")
     parser.add_argument("--csv", type=Path, default=RESULTS / "step.csv", help="CSV to append rows to")
@@ -361,7 +365,8 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"{model_name:14s} {method:14s} {row['time_s']:>8s} s {row['peak_mib']:>8s} MiB {row['error']}",
+                f"{model_name:14s} {method:14s} {row['time_s']:>8s} s {row['cpu_s']:>8s} cpu-s "
+                f"{row['peak_mib']:>8s} MiB {row['error']}",
                 flush=True,
             )
 
