@@ -88,6 +88,19 @@ STAGED_GRAD_HIDDEN_CONFIGS = (
     dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, STAGE_V=1024, BLOCK_DH=64, num_warps=8, num_stages=2),
     *DIRECT_GRAD_HIDDEN_CONFIGS,
 )
+# SPLIT_G_NOTE: the dh (and dW) GEMM takes g = dLoss/dz_s as an operand of the input dtype.
+# Rounding g to bf16 costs ~2^-9 relative per element, ~1e-3 relative error in the fp32 sum
+# whatever the mode (float64 emulation at N=256, D=896, V=151936: 1.7e-3 with g rounded,
+# 1.5e-6 in fp32), and the bf16 result then often rounds to the wrong neighbour (~60% of
+# elements in the tests; error ~2.4x that of the correctly rounded exact gradient). The KL
+# modes still fit the error budget of the bf16 full-logit reference; the JSD did not: on an
+# H200 (N=512, D=896, V=151936, alpha 0.5) ours was 2.79e-5 vs the reference's 1.29e-5 with
+# max |dh| 5e-3 (bf16 half-ulp there: 1.5e-5). So for the JSD in bf16/fp16 (SPLIT_G) g goes in
+# as g_hi + g_lo, two operands of the input dtype and two GEMMs: ~16 significant bits, and dh
+# is the correctly rounded exact gradient except at rounding ties (4e-6 relative in the
+# emulation). The JSD's g @ W then costs 2 GEMM-equivalents instead of 1 (dh 4 instead of 3,
+# dW likewise); the KL modes are unchanged (add them here to trade that speed for accuracy).
+SPLIT_G_MODES = (MODE_JSD,)
 # Block configurations per phase (bf16/fp16), tried in order on CUDA until one compiles and
 # launches (a config that runs out of shared memory or registers on some GPU falls through to
 # the next; the first working one is cached). All were compiled offline for sm_90 with Triton
@@ -224,6 +237,27 @@ def _grad_student_logits(
         log_m = hi + tl.log(1.0 + tl.exp(tl.minimum(x, y) - hi))
         g = (1.0 - alpha) * p_s * (log_p_s - log_m - aux[:, None])
     return g
+
+
+@triton.jit
+def _split_operand(
+    g,  # [BLOCK_N, BLOCK_V] fp32
+    OPERAND_DTYPE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    # (g_hi, g_lo) GEMM operands: g_hi = g rounded to OPERAND_DTYPE; with SPLIT also
+    # g_lo = (g - g_hi) rounded (exact subtraction), so that g_hi @ W + g_lo @ W keeps ~16
+    # significant bits of g instead of 8 (bf16); without SPLIT g_lo is g_hi (unused).
+    # Under the interpreter both go back to fp32 (its tl.dot cannot take bf16; exact).
+    g_hi = g.to(OPERAND_DTYPE)
+    g_lo = g_hi
+    if SPLIT:
+        g_lo = (g - g_hi.to(tl.float32)).to(OPERAND_DTYPE)
+    if DOT_IN_FP32:
+        g_hi = g_hi.to(tl.float32)
+        g_lo = g_lo.to(tl.float32)
+    return g_hi, g_lo
 
 
 @triton.jit(do_not_specialize=_DO_NOT_SPECIALIZE_SPLIT)
@@ -388,6 +422,7 @@ def _sdft_grad_hidden_kernel(
     log_alpha,
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLIT_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -416,10 +451,9 @@ def _sdft_grad_hidden_kernel(
         # Rows past N read lse = 0 and may overflow; masked columns must add nothing.
         g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
         # g enters the GEMM in the weight's dtype (tensor cores; |g| <= ~1 so no underflow
-        # worries: the per-row incoming gradient is applied after the sum).
-        g_op = g.to(weight_ptr.dtype.element_ty)
-        if DOT_IN_FP32:
-            g_op = g_op.to(tl.float32)
+        # worries: the per-row incoming gradient is applied after the sum). SPLIT_G (the JSD in
+        # bf16/fp16): g = g_hi + g_lo, both in the weight's dtype, two GEMMs (see SPLIT_G_NOTE).
+        g_op, g_lo = _split_operand(g, weight_ptr.dtype.element_ty, SPLIT_G, DOT_IN_FP32)
         for d_start in range(0, D, BLOCK_D):
             ds = d_start + tl.arange(0, BLOCK_D)
             d_mask = ds < D
@@ -434,6 +468,8 @@ def _sdft_grad_hidden_kernel(
             dh_mask = row_mask[:, None] & d_mask[None, :]
             dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
             dh = tl.dot(g_op, w, dh, input_precision=DOT_PRECISION)
+            if SPLIT_G:
+                dh = tl.dot(g_lo, w, dh, input_precision=DOT_PRECISION)
             tl.store(dh_ptrs, dh, mask=dh_mask)
         # The stored dh chunks are re-read by other threads for the next vocabulary tile (the
         # store and load layouts can differ): a CTA barrier orders those global-memory accesses.
@@ -450,7 +486,8 @@ def _sdft_grad_hidden_staged_kernel(
     lse_t_ptr,  # [N] fp32 teacher log-sum-exp
     aux_ptr,  # [N] fp32 reverse KL: E_s[z_s - z_t]; JSD: KL(S||M); forward KL: unused
     grad_hidden_ptr,  # [N, D] fp32 in/out, zero-initialised: sum_v g[n, v] W[v, :]
-    stage_ptr,  # [row blocks, BLOCK_N, STAGE_V] scratch for g (GEMM operand dtype), one slab per program
+    stage_ptr,  # [row blocks, 1 + SPLIT_G, BLOCK_N, STAGE_V] scratch for g (GEMM operand dtype):
+    #             one slab per program (two when SPLIT_G: g_hi, then g_lo)
     N,
     V,
     D,
@@ -463,6 +500,7 @@ def _sdft_grad_hidden_staged_kernel(
     log_alpha,
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLIT_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -483,7 +521,8 @@ def _sdft_grad_hidden_staged_kernel(
     lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
     aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
-    slab_ptr = stage_ptr + pid_n.to(tl.int64) * (BLOCK_N * STAGE_V)
+    slab_ptr = stage_ptr + pid_n.to(tl.int64) * ((1 + SPLIT_G) * BLOCK_N * STAGE_V)
+    slab_lo_ptr = slab_ptr + BLOCK_N * STAGE_V  # g_lo slab (read and written only when SPLIT_G)
     slab_rows = tl.arange(0, BLOCK_N)[:, None] * STAGE_V  # [BLOCK_N, 1] offsets inside the slab
 
     for v_stage in range(0, V, STAGE_V):
@@ -501,7 +540,12 @@ def _sdft_grad_hidden_staged_kernel(
             g = _grad_student_logits(z_s, z_t, lse_s, lse_t, aux, alpha, log_one_minus_alpha, log_alpha, MODE)
             g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
             slab_cols = v_offset + tl.arange(0, BLOCK_V)
-            tl.store(slab_ptr + slab_rows + slab_cols[None, :], g.to(stage_ptr.dtype.element_ty))
+            g_hi = g.to(stage_ptr.dtype.element_ty)
+            tl.store(slab_ptr + slab_rows + slab_cols[None, :], g_hi)
+            if SPLIT_G:
+                # g - g_hi is exact in fp32; rounded, g_hi + g_lo carries ~16 significant bits.
+                g_lo = (g - g_hi.to(tl.float32)).to(stage_ptr.dtype.element_ty)
+                tl.store(slab_lo_ptr + slab_rows + slab_cols[None, :], g_lo)
         # The slab was written by all threads of the program and is read below by others:
         # a CTA barrier orders those global-memory accesses.
         tl.debug_barrier()
@@ -525,6 +569,11 @@ def _sdft_grad_hidden_staged_kernel(
                     g_k = g_k.to(tl.float32)
                     w_k = w_k.to(tl.float32)
                 dh = tl.dot(g_k, w_k, dh, input_precision=DOT_PRECISION)
+                if SPLIT_G:
+                    g_lo_k = tl.load(slab_lo_ptr + slab_rows + slab_cols[None, :])  # [BLOCK_N, BLOCK_V]
+                    if DOT_IN_FP32:
+                        g_lo_k = g_lo_k.to(tl.float32)
+                    dh = tl.dot(g_lo_k, w_k, dh, input_precision=DOT_PRECISION)
             tl.store(dh_ptrs, dh, mask=dh_mask)
         # Every read of this stage's slab is done before the next stage overwrites it.
         tl.debug_barrier()
@@ -556,6 +605,7 @@ def _sdft_grad_weight_kernel(
     HAS_BIAS: tl.constexpr,
     GRAD_WEIGHT: tl.constexpr,
     GRAD_BIAS: tl.constexpr,
+    SPLIT_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -587,9 +637,10 @@ def _sdft_grad_weight_kernel(
         if GRAD_BIAS:
             grad_bias += tl.sum(g, axis=0)
         if GRAD_WEIGHT:
-            g_op = tl.trans(g.to(weight_ptr.dtype.element_ty))  # [BLOCK_V, BLOCK_N]
-            if DOT_IN_FP32:
-                g_op = g_op.to(tl.float32)
+            # SPLIT_G: g_hi + g_lo, two GEMMs (see SPLIT_G_NOTE)
+            g_hi, g_lo = _split_operand(g, weight_ptr.dtype.element_ty, SPLIT_G, DOT_IN_FP32)
+            g_op = tl.trans(g_hi)  # [BLOCK_V, BLOCK_N]
+            g_lo_op = tl.trans(g_lo)  # [BLOCK_V, BLOCK_N] (used only when SPLIT_G)
             for d_start in range(0, D, BLOCK_D):
                 ds = d_start + tl.arange(0, BLOCK_D)
                 d_mask = ds < D
@@ -604,6 +655,8 @@ def _sdft_grad_weight_kernel(
                 dw_mask = col_mask[:, None] & d_mask[None, :]
                 dw = tl.load(dw_ptrs, mask=dw_mask, other=0.0)
                 dw = tl.dot(g_op, h_s, dw, input_precision=DOT_PRECISION)
+                if SPLIT_G:
+                    dw = tl.dot(g_lo_op, h_s, dw, input_precision=DOT_PRECISION)
                 tl.store(dw_ptrs, dw, mask=dw_mask)
         # The stored dW chunks are re-read by other threads for the next row block (the store and
         # load layouts can differ): a CTA barrier orders those global-memory accesses.
@@ -814,6 +867,9 @@ def _backward(
     # dz_s = grad_loss[n] * g / tau; grad_loss may arrive expanded (stride 0) or in any dtype.
     row_scale = (grad_loss.to(torch.float32) * inv_temperature).contiguous()  # [N]
     grad_hidden = grad_weight = grad_bias = None
+    # See SPLIT_G_NOTE: two-part g operand for the JSD's dh and dW in bf16/fp16 (fp32 inputs
+    # never round g).
+    split_g = mode in SPLIT_G_MODES and student.dtype != torch.float32
 
     if need_hidden:
 
@@ -827,18 +883,21 @@ def _backward(
                 assert config["STAGE_V"] % config["BLOCK_V"] == 0, (
                     f"STAGE_V must be a multiple of BLOCK_V: {config}"
                 )
-                # [row blocks, BLOCK_N, STAGE_V] slab per program for g, in the GEMM operand dtype
+                # [row blocks, 1 + SPLIT_G, BLOCK_N, STAGE_V] slab(s) per program for g, in the
+                # GEMM operand dtype
                 stage = torch.empty(
-                    (row_blocks, config["BLOCK_N"], config["STAGE_V"]), dtype=student.dtype, device=device
+                    (row_blocks, 1 + split_g, config["BLOCK_N"], config["STAGE_V"]),
+                    dtype=student.dtype,
+                    device=device,
                 )
                 _sdft_grad_hidden_staged_kernel[(row_blocks,)](
                     *common, stage, *scalars,
-                    MODE=mode, HAS_BIAS=has_bias, STAGE_V=config["STAGE_V"], BLOCK_DH=config["BLOCK_DH"],
-                    **dot, **meta,
+                    MODE=mode, HAS_BIAS=has_bias, SPLIT_G=split_g, STAGE_V=config["STAGE_V"],
+                    BLOCK_DH=config["BLOCK_DH"], **dot, **meta,
                 )  # fmt: skip
             else:
                 _sdft_grad_hidden_kernel[(row_blocks,)](
-                    *common, *scalars, MODE=mode, HAS_BIAS=has_bias, **dot, **meta
+                    *common, *scalars, MODE=mode, HAS_BIAS=has_bias, SPLIT_G=split_g, **dot, **meta
                 )
             return summed
 
@@ -860,7 +919,7 @@ def _backward(
                 student, teacher, weight, bias_arg, lse_s, lse_t, aux, row_scale, dw, db,
                 *shapes, inv_temperature, alpha, log_one_minus_alpha, log_alpha,
                 MODE=mode, HAS_BIAS=has_bias, GRAD_WEIGHT=need_weight, GRAD_BIAS=need_bias,
-                **dot, **_launch_meta(config, device),
+                SPLIT_G=split_g, **dot, **_launch_meta(config, device),
             )  # fmt: skip
             return dw, db
 
