@@ -38,12 +38,44 @@ Kernels and their grids:
   over all row blocks.
 
 Cost, in units of one N x V x D GEMM: forward 2 (KL) or 4 (JSD: statistics, then loss), dh 3
-(both logit tiles again, then g @ W), dW 3 more. The dh read-modify-write moves about
-N * V * D * 8 / BLOCK_V bytes (N * V * D * 8 / STAGE_V staged).
+(both logit tiles again, then g @ W; 4 for the JSD in bf16/fp16, see SPLIT_G_NOTE), dW 3 (4)
+more. The dh read-modify-write moves about N * V * D * 8 / BLOCK_V bytes (N * V * D * 8 /
+STAGE_V staged).
+
+Measured on H200 (bench/gpu_check.sh, torch 2.11, Triton 3.6; forward + dh, weight frozen,
+alpha 0, bf16): at N=8192, D=3584, V=152064 (Qwen2.5-7B) ours 142.7 ms / 168 MiB extra peak,
+LigerFusedLinearJSD 80.5 ms / 1394 MiB, naive full logits 56.6 ms / 21416 MiB: 1/8 of Liger's
+memory but 0.56x its speed (the goal was 1.5x at 1/4). Where the time goes (estimates; the
+phases were not timed separately): 5 GEMM-equivalents (Liger and naive: 3) = 44.7 TFLOP,
+i.e. 313 TFLOP/s on average. (1) L2 bandwidth: a [64, 128] tile pair loads h_s, h_t and W
+for every tile (64 FLOP per byte), and each 64-row program sweeps all of W once in the
+forward and twice in the staged dh (logits, then slab @ W), re-reading its slab per D chunk:
+~280 GB forward + ~280 GB dh phase 1 + ~245 GB dh phase 2 (W, slab, fp32 dh rows) ~ 805 GB,
+i.e. ~5.6 TB/s over 142.7 ms, near the ~5-7 TB/s reported for H100-class L2 (not measured
+here): likely L2-bound, not MMA-bound.
+(2) Occupancy of the backward: its grid is N / 64 programs (128 at N=8192, one per SM at
+~147 KiB shared memory, no overlap of one program's exp/log epilogue with another's MMA; 64
+at N=4096 and 16 at N=1024, i.e. half and 1/8 of the 132 SMs idle): hence 71.7 ms at N=1024
+(Liger 37.8) and 102.3 ms at N=4096 (Liger 54.8), barely less than at N=8192. Faster than
+Liger fused at Qwen2.5-0.5B / SmolLM2 shapes (e.g. 35.5 vs 94.1 ms at N=8192, D=896).
+Better designs, by expected gain: (a) vocabulary splits in the backward too (grid (row
+blocks, S), S fp32 [N, D] partial dh summed in a fixed order; S = 1 at N >= 8192), ~3x at
+N=1024, ~1.6x at N=4096, nothing at N=8192; (b) 128-row tiles (or student and teacher rows
+stacked as one M=128 operand) in the forward and dh phase 1: 85 instead of 64 FLOP/byte and
+half the phase-2 W/slab traffic, ~805 -> ~600 GB, ~1.3x at N=8192 if L2-bound (register
+pressure: two [128, 128] fp32 accumulators = 128 registers/thread at 8 warps); (c) dh in the
+forward sweep for the KL modes (flash-attention style: U_s += exp(z_s - m_s) @ W and U_t
+likewise with online rescaling, dh = U_s / l_s - U_t / l_t; 4 GEMM-equivalents, no backward
+sweep), but the two terms cancel when S ~ T, so bf16 operands lose ~2^-9 |p| / |p_s - p_t|
+relative accuracy and need the hi/lo split (6 GEMM-equivalents, two fp32 [N, D] accumulators
+of read-modify-write): a gain only where L2 traffic, not MMA, is the bound; it cannot serve
+the JSD (log m does not factor). 1.5x faster than Liger at N=8192 means <= 54 ms, i.e. 5
+GEMM-equivalents at >= 830 TFLOP/s: out of reach for this recompute design on an H200; (a) +
+(b) could plausibly reach parity with Liger (~70-80 ms) at 1/8 of its memory.
 
 Extra memory: O(S * N) floats of statistics, 3 floats per token saved for backward, one fp32
 [N, D] buffer for dh (it is the result itself for fp32 inputs; staged: plus N * STAGE_V
-elements of slab), one fp32 [V, D] buffer for dW. Pointers are formed from int64 row/column
+elements of slab, twice that for the JSD in bf16/fp16), one fp32 [V, D] buffer for dW. Pointers are formed from int64 row/column
 indices (N*V and V*D pass 2^31).
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests): the interpreter's
