@@ -250,12 +250,16 @@ def plot(rows: list[dict], path: Path) -> None:
                 for m in models
             ]
             panel.bar([x + i * width for x in range(len(models))], values, width, label=method)
-        panel.set_xticks([x + width * (len(METHODS) - 1) / 2 for x in range(len(models))], models)
+        layers = {r["model"]: r["layers"] for r in rows}
+        panel.set_xticks(
+            [x + width * (len(METHODS) - 1) / 2 for x in range(len(models))],
+            [f"{m} ({layers[m]} layers)" for m in models],
+        )
         panel.set_ylabel(label)
     first = rows[0]
     fig.suptitle(
         f"SDFT step, batch {first['batch']}, prompt {first['prompt']}, demo {first['demo']}, completion "
-        f"{first['completion']}, layers {first['layers']} on {first['device']}",
+        f"{first['completion']}, {first['dtype']}, on {first['device']}",
         fontsize=9,
     )
     axes[0].legend(fontsize=8)
