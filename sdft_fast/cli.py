@@ -605,7 +605,7 @@ def _write_demo_report(results: dict[str, Any], report_dir: Path, *, model_name:
     _log(f"wrote {report_dir / 'demo.md'} and {report_dir / 'demo.png'}")
 
 
-def _plot_demo(results: dict[str, Any], path: Path) -> None:
+def _plot_demo(results: dict[str, Any], path: Path, *, subject: str = "40 fictional facts") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -631,7 +631,7 @@ def _plot_demo(results: dict[str, Any], path: Path) -> None:
     axis.set_ylabel("accuracy (%)")
     axis.set_ylim(0, 110)
     kl = ", ".join(f"{m.upper()} {s['kl_from_start']:.3f}" for m, s in results["methods"].items())
-    axis.set_title(f"SmolLM2-135M-Instruct, 40 fictional facts (KL from start: {kl})", fontsize=10)
+    axis.set_title(f"SmolLM2-135M-Instruct, {subject} (KL from start: {kl})", fontsize=10)
     axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
