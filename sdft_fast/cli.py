@@ -371,18 +371,13 @@ def cmd_bench(args) -> int:
 
 # ----------------------------------------------------------------------------- demo
 
-# The demo's teacher prompt: the reference wording minus "including the thinking process". A 135M
-# model follows that clause literally: its in-context answers open with "To answer this question,
-# let's break it down step by step", and self-distillation teaches the student exactly that style
-# instead of the facts (measured: 0% new-fact accuracy and retention down from 90% to 35-47% after
-# 60 steps, for every lr/skip/alpha tried). Asking for a plain answer keeps the fact in the teacher's
-# first tokens, which is also why no completion tokens are masked (skip_tokens=0) here.
-DEMO_TEACHER_TEMPLATE = (
-    "{prompt}\n\n"
-    "This is an example for a response to the question:\n"
-    "{demonstration}\n\n"
-    "Now answer with a response of your own."
-)
+# The demo's teacher prompt comes with the demo data (sdft_fast.demo.DEMO_TEACHER_TEMPLATE: fact first,
+# one short sentence asked for). With the reference wording ("... including the thinking process") a
+# 135M teacher opens with "To answer this question, let's break it down step by step", and
+# self-distillation teaches the student exactly that style instead of the facts (measured on a GPU:
+# 0% new-fact accuracy, retention down from 90% to 15-48%, for every lr/skip/alpha tried; see
+# bench/results/demo.md). A plain answer puts the fact in the teacher's first tokens, which is also
+# why no completion tokens are masked here (skip_tokens=0).
 
 # Demo defaults for SmolLM2-135M-Instruct on 2 CPU threads: the whole demo (start evaluation, two
 # trainings, two evaluations) is sized to fit in 15 minutes (an SDFT step with 16-token rollouts takes
@@ -474,6 +469,8 @@ def run_demo(args) -> dict[str, Any]:
     report_dir = Path(args.report_dir)
     runs_dir = report_dir / "demo_runs"
     limits = DataLimits(max_prompt_tokens=256, max_teacher_prompt_tokens=1024, max_completion_tokens=128)
+    if args.teacher_template is None:
+        args.teacher_template = demo.teacher_template
     encoded = encode_examples(demo.train, tokenizer, limits=limits, teacher_template=args.teacher_template)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
@@ -483,6 +480,7 @@ def run_demo(args) -> dict[str, Any]:
     results: dict[str, Any] = {
         "settings": {k: getattr(args, k) for k in DEMO_DEFAULTS},
         "teacher_template": args.teacher_template,
+        "model": model_path.name,
         "methods": {},
     }
     model = None
@@ -535,7 +533,7 @@ def _demo_table(results: dict[str, Any]) -> list[list[str]]:
     rows = [["model", "new facts: direct", "new facts: indirect", "retention", "KL from start", "train time"]]
     rows.append(
         [
-            "start (SmolLM2-135M-Instruct)",
+            f"start ({results.get('model', 'start model')})",
             f"{start['direct']:.1%}",
             f"{start['indirect']:.1%}",
             f"{start['retention']:.1%}",
@@ -693,8 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--eval-batch-size", type=int, default=20)
     demo_parser.add_argument(
         "--teacher-template",
-        default=DEMO_TEACHER_TEMPLATE,
-        help="teacher prompt with {prompt} and {demonstration}",
+        default=None,
+        help="teacher prompt with {prompt} and {demonstration} (default: the demo data's own template)",
     )
     demo_parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo_parser.add_argument("--no-progress", action="store_true")
