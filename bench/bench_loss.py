@@ -63,7 +63,9 @@ def make_step(method: str, n: int, d: int, v: int, dtype: torch.dtype, device: s
 
         # compiled=False (eager) on every device: torch.compile adds minutes of build time per
         # shape, more than the GPU check's whole budget. The README labels it as eager.
-        module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=alpha, compiled=False)
+        module = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=alpha, compiled=False
+        )
         labels = torch.zeros(n, dtype=torch.long, device=device)
 
         def loss_fn():

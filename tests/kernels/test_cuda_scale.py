@@ -38,7 +38,9 @@ def test_qwen_shape_bf16_error_budget(alpha):
     for name, o, r, x in zip(("loss", "d_student"), oracle, same_dtype, ours):
         err_ours = (x - o).abs().max().item()
         err_ref = (r - o).abs().max().item()
-        assert err_ours <= err_ref + 2e-3 * o.abs().max().item(), f"{name}: ours {err_ours:.3e}, bf16 reference {err_ref:.3e}"
+        assert err_ours <= err_ref + 2e-3 * o.abs().max().item(), (
+            f"{name}: ours {err_ours:.3e}, bf16 reference {err_ref:.3e}"
+        )
 
 
 def test_int64_offsets_beyond_2_pow_31():
