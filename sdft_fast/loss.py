@@ -117,11 +117,12 @@ def _check_token_tensor(name, t, lead_shape, device, *, kind):
     return t
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        if device.type == "cuda" and _triton_available():
+        # The kernels take fp32/bf16/fp16; float64 (tests, gradcheck) goes to the torch twin.
+        if device.type == "cuda" and dtype != torch.float64 and _triton_available():
             return "triton"
         return "torch"
     if impl == "triton" and device.type != "cuda":
@@ -271,7 +272,7 @@ def self_distill_loss(
     if teacher_hidden is None:
         raise ValueError("teacher_hidden is required (a tensor shaped like student_hidden)")
     _check_hidden_and_head(student_hidden, teacher_hidden, lm_head_weight, lm_head_bias)
-    impl = _resolve_impl(impl, student_hidden.device)
+    impl = _resolve_impl(impl, student_hidden.device, student_hidden.dtype)
     lead_shape = student_hidden.shape[:-1]
     h_s, h_t, mask, weights, seq_ids, num_seq = _flatten(
         student_hidden, teacher_hidden, loss_mask, token_weights, sequence_ids, reduction
