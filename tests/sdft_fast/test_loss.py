@@ -223,3 +223,12 @@ def test_linear_cross_entropy_and_token_logprobs():
     assert torch.allclose(lp, -per) and lp.grad_fn is None
     with pytest.raises(ValueError, match="targets must be token ids"):
         linear_cross_entropy(h, w, None, targets + w.shape[0])
+
+
+def test_auto_impl_choice():
+    from sdft_fast.loss import _resolve_impl
+
+    cuda = torch.device("cuda")  # only inspected, never allocated on
+    assert _resolve_impl("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert _resolve_impl("auto", cuda, torch.bfloat16) == "triton"
+    assert _resolve_impl("auto", cuda, torch.float64) == "torch"  # the kernels take fp32/bf16/fp16
