@@ -14,7 +14,13 @@ from __future__ import annotations
 import math
 
 import torch
-from sdft_kernels.torch_sdft import DEFAULT_MEMORY_BUDGET_MB, _compute_dtype, _logit_tile, tile_sizes
+from sdft_kernels.torch_sdft import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    _compute_dtype,
+    _logit_tile,
+    accumulate_tile_grads,
+    tile_sizes,
+)
 
 
 def _target_logits(hidden, weight, bias, targets, inv_tau):
@@ -100,12 +106,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 hit = (local >= 0) & (local < v1 - v0)
                 g[hit.nonzero().squeeze(1), local[hit]] -= 1.0
                 g.mul_(go[:, None])
-                if dh is not None:
-                    dh[r0:r1].addmm_(g, w_tile)
-                if dw is not None:
-                    dw[v0:v1].addmm_(g.T, h)
-                if db is not None:
-                    db[v0:v1] += g.sum(0)
+                accumulate_tile_grads(g, w_tile, h, None if dh is None else dh[r0:r1], dw, db, v0, v1)
         return (
             None if dh is None else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),

@@ -211,6 +211,35 @@ def _grad_tile(z_s, z_t, z_d, lse_s, lse_t, aux, alpha):
     return (1.0 - alpha) * p_s * ((log_p_s - log_m) - aux[:, None])
 
 
+def _forward_sweep(student_hidden, teacher_hidden, weight, bias, alpha, inv_tau, tiles, want_dh):
+    """Per-token (loss, lse_s, lse_t, aux) [N] and, if wanted, dh [N, D], one row chunk at a time."""
+    num_tokens = student_hidden.shape[0]
+    rows, vocab_tile = tiles
+    dtype = _compute_dtype(student_hidden.dtype)
+    loss = student_hidden.new_empty(num_tokens, dtype=dtype)
+    lse_s, lse_t, aux = torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss)
+    dh = student_hidden.new_empty(student_hidden.shape, dtype=dtype) if want_dh else None
+    for r0 in range(0, num_tokens, rows):
+        r1 = min(r0 + rows, num_tokens)
+        out = _forward_chunk(
+            student_hidden[r0:r1], teacher_hidden[r0:r1], weight, bias, alpha, inv_tau, vocab_tile, want_dh
+        )
+        loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1] = out[:4]
+        if want_dh:
+            dh[r0:r1] = out[4]
+    return loss, lse_s, lse_t, aux, dh
+
+
+def accumulate_tile_grads(g, w_tile, hidden_chunk, dh_rows, dw, db, v0, v1):
+    """Add one [R, Vt] tile of dLoss/dz (already scaled per row) to dh rows, dW rows and dbias."""
+    if dh_rows is not None:
+        dh_rows.addmm_(g, w_tile)  # [R, D] += [R, Vt] @ [Vt, D]
+    if dw is not None:
+        dw[v0:v1].addmm_(g.T, hidden_chunk)  # [Vt, D] += [Vt, R] @ [R, D]
+    if db is not None:
+        db[v0:v1] += g.sum(0)
+
+
 class ChunkedSelfDistill(torch.autograd.Function):
     """Per-token divergences [N] (fp32) with the memory of one [R, Vt] tile set."""
 
@@ -225,25 +254,9 @@ class ChunkedSelfDistill(torch.autograd.Function):
         # The gradient is formed in the forward only when it is per-row (dh alone): then the
         # backward merely scales rows by grad_output. dW needs grad_output inside the sum.
         dh_in_forward = need_dh and not need_dw
-        dtype = _compute_dtype(student_hidden.dtype)
-        loss = student_hidden.new_empty(num_tokens, dtype=dtype)
-        lse_s, lse_t, aux = torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss)
-        dh = student_hidden.new_empty(student_hidden.shape, dtype=dtype) if dh_in_forward else None
-        for r0 in range(0, num_tokens, rows):
-            r1 = min(r0 + rows, num_tokens)
-            out = _forward_chunk(
-                student_hidden[r0:r1],
-                teacher_hidden[r0:r1],
-                weight,
-                bias,
-                alpha,
-                inv_tau,
-                vocab_tile,
-                dh_in_forward,
-            )
-            loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1] = out[:4]
-            if dh_in_forward:
-                dh[r0:r1] = out[4]
+        loss, lse_s, lse_t, aux, dh = _forward_sweep(
+            student_hidden, teacher_hidden, weight, bias, alpha, inv_tau, (rows, vocab_tile), dh_in_forward
+        )
         ctx.alpha, ctx.inv_tau, ctx.tiles = alpha, inv_tau, (rows, vocab_tile)
         ctx.dh_in_forward, ctx.student_dtype = dh_in_forward, student_hidden.dtype
         if dh_in_forward:
@@ -278,12 +291,7 @@ class ChunkedSelfDistill(torch.autograd.Function):
                 z_s, z_t, z_d, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, ctx.inv_tau)
                 g = _grad_tile(z_s, z_t, z_d, lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1], ctx.alpha)
                 g.mul_(go[:, None])  # [R, Vt]
-                if dh is not None:
-                    dh[r0:r1].addmm_(g, w_tile)
-                if dw is not None:
-                    dw[v0:v1].addmm_(g.T, hs_chunk)
-                if db is not None:
-                    db[v0:v1] += g.sum(0)
+                accumulate_tile_grads(g, w_tile, hs_chunk, None if dh is None else dh[r0:r1], dw, db, v0, v1)
         return (
             None if dh is None else dh.to(h_s.dtype),
             None,
@@ -312,23 +320,10 @@ def torch_token_losses(
     )
     if not grad_wanted:
         with torch.no_grad():
-            rows, vocab_tile = tile_sizes(student_hidden.shape[0], weight.shape[0], memory_budget_mb)
-            losses = [
-                _forward_chunk(
-                    student_hidden[r0 : r0 + rows],
-                    teacher_hidden[r0 : r0 + rows],
-                    weight,
-                    bias,
-                    alpha,
-                    1.0 / temperature,
-                    vocab_tile,
-                    False,
-                )[0]
-                for r0 in range(0, student_hidden.shape[0], rows)
-            ]
-            if not losses:
-                return student_hidden.new_zeros(0, dtype=_compute_dtype(student_hidden.dtype))
-            return torch.cat(losses)
+            tiles = tile_sizes(student_hidden.shape[0], weight.shape[0], memory_budget_mb)
+            return _forward_sweep(
+                student_hidden, teacher_hidden, weight, bias, alpha, 1.0 / temperature, tiles, False
+            )[0]
     return ChunkedSelfDistill.apply(
         student_hidden, teacher_hidden, weight, bias, float(alpha), float(temperature), memory_budget_mb
     )
