@@ -19,9 +19,12 @@ Two ways to get them, same API and same numbers:
   padding, per-sequence position ids). Every linear layer runs one GEMM over
   both segments (``lora.packed_linear``); the LoRA delta is routed per segment
   (student adapter with grad; EMA adapter / nothing / student adapter without
-  grad for the teacher). Attention is block-diagonal causal: each sequence sees
-  only its own earlier tokens (flash-attn varlen on CUDA when installed, else
-  SDPA per group of equal-length sequences, which wastes no FLOPs on padding).
+  grad for the teacher). Each stream is laid out as a prefix tree: a prefix that
+  several sequences share (the chat template's system prompt, one prompt with
+  several rollouts) is computed once, and the sequences continuing it attend to
+  its rows (exact under causal attention; ``prefix_sharing=False`` turns it off).
+  Attention is causal within each sequence: flash-attn varlen on CUDA when
+  installed, else SDPA per group of equal-shape segments (no padding FLOPs).
   Only student rows enter autograd; teacher rows save nothing for backward.
   The stream is routed by row blocks (student rows first, then teacher rows)
   rather than by a per-token route tensor: the same routing, with no index
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import json
 import os
 import warnings
@@ -130,51 +134,153 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
-def varlen_causal_attention(
+# Shorter common prefixes are recomputed per sequence: sharing a handful of tokens saves less
+# than the extra attention call of one more segment costs.
+MIN_SHARED_PREFIX = 8
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A run of rows computed once: queries at rows [start, start + length).
+
+    ``key_rows`` are the rows its queries attend to, in position order: the rows of the
+    segments it continues (its shared prefix), then its own rows, causal over the own part.
+    """
+
+    start: int
+    length: int
+    key_rows: tuple[int, ...]
+
+
+class _Stream:
+    """One packed token stream (student or teacher), laid out as a prefix tree.
+
+    Sequences that begin with the same tokens (the chat template's system prompt; the same
+    prompt sampled several times) share rows: the common prefix is computed once and every
+    sequence that continues it attends to those rows. Exact under causal attention, where a
+    position's hidden state depends only on the tokens up to it; gradients from every sequence
+    that reads a shared row add up on it. ``min_shared=0`` turns sharing off (one segment per
+    sequence, the plain block-diagonal layout).
+    """
+
+    def __init__(
+        self,
+        seqs: list[list[int]],
+        prompt_lens: list[int],
+        completion_lens: list[int],
+        device,
+        min_shared: int = MIN_SHARED_PREFIX,
+    ):
+        tokens: list[int] = []
+        positions: list[int] = []
+        self.segments: list[_Segment] = []
+        paths: list[tuple[int, ...]] = [()] * len(seqs)  # the rows of each sequence, position by position
+
+        def add_segment(prefix_rows: tuple[int, ...], seq: list[int], depth: int, length: int):
+            start = len(tokens)
+            tokens.extend(seq[depth : depth + length])
+            positions.extend(range(depth, depth + length))
+            rows = prefix_rows + tuple(range(start, start + length))
+            self.segments.append(_Segment(start, length, rows))
+            return rows
+
+        def build(group: list[int], depth: int, prefix_rows: tuple[int, ...]) -> None:
+            # Every sequence of `group` starts with the `depth` tokens already laid out at prefix_rows.
+            if len(group) == 1 or min_shared <= 0:
+                for b in group:
+                    rest = len(seqs[b]) - depth
+                    paths[b] = add_segment(prefix_rows, seqs[b], depth, rest) if rest > 0 else prefix_rows
+                return
+            first = seqs[group[0]]
+            limit = min(len(seqs[b]) for b in group) - depth
+            common = 0
+            while common < limit and all(seqs[b][depth + common] == first[depth + common] for b in group):
+                common += 1
+            if common >= min_shared:
+                prefix_rows = add_segment(prefix_rows, first, depth, common)
+                depth += common
+                common = 0
+            # Split where the sequences first differ; each subgroup shares a longer prefix than
+            # `group` (or starts a new shared segment), so the recursion ends.
+            split = depth + common
+            subgroups: dict[int, list[int]] = {}
+            for b in group:
+                if len(seqs[b]) == split:
+                    build([b], depth, prefix_rows)
+                else:
+                    subgroups.setdefault(seqs[b][split], []).append(b)
+            for sub in subgroups.values():
+                build(sub, depth, prefix_rows)
+
+        build(list(range(len(seqs))), 0, ())
+        self.input_ids = torch.tensor(tokens, dtype=torch.long, device=device)  # [Ns] unique rows
+        self.position_ids = torch.tensor(positions, dtype=torch.long, device=device)  # [Ns]
+        gather: list[int] = []
+        for path, p, c in zip(paths, prompt_lens, completion_lens):
+            gather.extend(path[p - 1 : p - 1 + c])
+        self.gather_rows = torch.tensor(gather, dtype=torch.long, device=device)  # [N]
+
+
+def prefix_tree_attention(
     q: torch.Tensor,  # [N, Hq, hd]
     k: torch.Tensor,  # [N, Hkv, hd]
     v: torch.Tensor,  # [N, Hkv, hd]
-    seq_lens: list[int],  # sum = N, sequences laid out back to back
+    segments: list[_Segment],  # in row order, covering the N rows
     scaling: float,
 ) -> torch.Tensor:  # [N, Hq, hd]
-    """Block-diagonal causal attention over sequences packed back to back."""
+    """Causal attention over a packed prefix tree (see :class:`_Stream`).
+
+    Each segment's queries attend to its shared-prefix rows and causally to its own rows, i.e.
+    causal attention aligned to the bottom right of its [length, len(key_rows)] block. With no
+    shared prefixes this is block-diagonal causal attention over sequences packed back to back.
+    """
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
+    shared = any(len(s.key_rows) != s.length for s in segments)
     flash = _flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if flash is not None:
-        cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
-        return flash(q, k, v, cu, cu, max(seq_lens), max(seq_lens), softmax_scale=scaling, causal=True)
+        lengths = [s.length for s in segments]
+        cu_q = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=q.device)
+        if shared:  # flash-attn >= 2.1 aligns the causal mask to the bottom right, as needed here
+            key_index = torch.tensor([r for s in segments for r in s.key_rows], device=q.device)
+            key_lengths = [len(s.key_rows) for s in segments]
+            cu_k = torch.tensor([0, *itertools.accumulate(key_lengths)], dtype=torch.int32, device=q.device)
+            return flash(
+                q, k[key_index], v[key_index], cu_q, cu_k, max(lengths), max(key_lengths),
+                softmax_scale=scaling, causal=True,
+            )
+        return flash(q, k, v, cu_q, cu_q, max(lengths), max(lengths), softmax_scale=scaling, causal=True)
     # SDPA's enable_gqa keeps the fused CPU kernel and saves the un-repeated K/V for backward.
     gqa = {"enable_gqa": True} if n_kv_heads != n_heads else {}
-    # Group equal-length sequences into one [G, H, L, hd] batch: no padding, few calls.
-    starts = [0]
-    for length in seq_lens[:-1]:
-        starts.append(starts[-1] + length)
-    by_length: dict[int, list[int]] = {}
-    for start, length in zip(starts, seq_lens):
-        by_length.setdefault(length, []).append(start)
+    # Segments of equal (query, key) lengths form one [G, H, Lq, hd] batch: no padding, few calls.
+    groups: dict[tuple[int, int], list[_Segment]] = {}
+    for segment in segments:
+        groups.setdefault((segment.length, len(segment.key_rows)), []).append(segment)
     pieces, row_order = [], []
-    for length, group_starts in by_length.items():
-        g = len(group_starts)
-        if group_starts == list(range(group_starts[0], group_starts[0] + g * length, length)):
-            # back-to-back block: a view, no gather copy
-            first = group_starts[0]
+    for (length, key_length), group in groups.items():
+        g, first = len(group), group[0].start
+        back_to_back = key_length == length and all(s.start == first + i * length for i, s in enumerate(group))
+        if back_to_back:  # a view, no gather copy
             rows = torch.arange(first, first + g * length, device=q.device)
             qg, kg, vg = (t[first : first + g * length] for t in (q, k, v))
         else:
             rows = (
-                torch.tensor(group_starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
+                torch.tensor([s.start for s in group], device=q.device)[:, None]
+                + torch.arange(length, device=q.device)
             ).reshape(-1)
-            qg, kg, vg = q[rows], k[rows], v[rows]
-        qg = qg.view(g, length, n_heads, -1).transpose(1, 2)  # [G, H, L, hd]
-        kg = kg.view(g, length, n_kv_heads, -1).transpose(1, 2)  # [G, Hkv, L, hd]
-        vg = vg.view(g, length, n_kv_heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            qg, kg, vg, is_causal=True, scale=scaling, **gqa
-        )  # [G, H, L, hd]
-        pieces.append(out.transpose(1, 2).reshape(g * length, n_heads, -1))
+            key_rows = torch.tensor([s.key_rows for s in group], device=q.device).reshape(-1)
+            qg, kg, vg = q[rows], k[key_rows], v[key_rows]
+        qg = qg.view(g, length, n_heads, -1).transpose(1, 2)  # [G, H, Lq, hd]
+        kg = kg.view(g, key_length, n_kv_heads, -1).transpose(1, 2)  # [G, Hkv, Lk, hd]
+        vg = vg.view(g, key_length, n_kv_heads, -1).transpose(1, 2)
+        if key_length == length:
+            out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scaling, **gqa)
+        else:  # bottom-right causal: query i sees every prefix key and its own keys up to i
+            mask = torch.ones(length, key_length, dtype=torch.bool, device=q.device).tril(key_length - length)
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scaling, **gqa)
+        pieces.append(out.transpose(1, 2).reshape(g * length, n_heads, -1))  # [G*Lq, H, hd]
         row_order.append(rows)
     if len(pieces) == 1:
-        return pieces[0]  # one back-to-back group: rows already in order
+        return pieces[0]  # one group holds every segment, in row order: rows already in order
     inverse = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
     inverse[torch.cat(row_order)] = torch.arange(q.shape[0], device=q.device)
     return torch.cat(pieces)[inverse]
@@ -211,20 +317,6 @@ def _gated_activation(
     return mlp.act_fn(gate) * up
 
 
-class _Stream:
-    """One packed token stream (student or teacher): ids, positions, rows to gather."""
-
-    def __init__(self, seqs: list[list[int]], prompt_lens: list[int], completion_lens: list[int], device):
-        self.seq_lens = [len(s) for s in seqs]
-        self.input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)  # [Ns]
-        self.position_ids = torch.cat([torch.arange(n) for n in self.seq_lens]).to(device)  # [Ns]
-        gather, offset = [], 0
-        for n, p, c in zip(self.seq_lens, prompt_lens, completion_lens):
-            gather.extend(range(offset + p - 1, offset + p - 1 + c))
-            offset += n
-        self.gather_rows = torch.tensor(gather, dtype=torch.long, device=device)  # [N]
-
-
 class SelfDistillModel(nn.Module):
     """Student and teacher sharing one HF causal LM's weights (see module docstring)."""
 
@@ -258,6 +350,8 @@ class SelfDistillModel(nn.Module):
             for name, p in hf_causal_lm.named_parameters()
             if name in self._teacher_params
         }
+        # Fast path: compute prefixes shared by several sequences of a stream once (exact; see _Stream).
+        self.prefix_sharing = True
         self.fast_path, reason = self._fast_path_support()
         self._fallback_reason = reason
         self._warned_fallback = False
@@ -448,11 +542,12 @@ class SelfDistillModel(nn.Module):
         t_seqs = None if t_prompts is None else [p + c[:-1] for p, c in zip(t_prompts, comp)]
         lengths = [len(s) for s in s_seqs] + ([len(s) for s in t_seqs] if t_seqs else [])
         if self._use_fast_path(lengths):
-            student_stream = _Stream(s_seqs, [len(p) for p in s_prompts], completion_lens, device)
+            min_shared = MIN_SHARED_PREFIX if self.prefix_sharing else 0
+            student_stream = _Stream(s_seqs, [len(p) for p in s_prompts], completion_lens, device, min_shared)
             teacher_stream = (
                 None
                 if t_seqs is None
-                else _Stream(t_seqs, [len(p) for p in t_prompts], completion_lens, device)
+                else _Stream(t_seqs, [len(p) for p in t_prompts], completion_lens, device, min_shared)
             )
             student_hidden, teacher_hidden = self._packed_forward(student_stream, teacher_stream)
         else:
@@ -558,7 +653,7 @@ class SelfDistillModel(nn.Module):
                 qs, _ = self._pair_norm(attn.q_norm, qs, None)
                 ks, _ = self._pair_norm(attn.k_norm, ks, None)
             qs, ks = _apply_rope(qs, cos_s, sin_s), _apply_rope(ks, cos_s, sin_s)
-            attn_s = varlen_causal_attention(qs, ks, vs, student.seq_lens, attn.scaling).reshape(
+            attn_s = prefix_tree_attention(qs, ks, vs, student.segments, attn.scaling).reshape(
                 -1, heads * head_dim
             )
             attn_t = None
@@ -572,7 +667,7 @@ class SelfDistillModel(nn.Module):
                     if hasattr(attn, "q_norm"):
                         qt, kt = self._teacher_norm(attn.q_norm, qt), self._teacher_norm(attn.k_norm, kt)
                     qt, kt = _apply_rope(qt, cos_t, sin_t), _apply_rope(kt, cos_t, sin_t)
-                    attn_t = varlen_causal_attention(qt, kt, vt, teacher.seq_lens, attn.scaling).reshape(
+                    attn_t = prefix_tree_attention(qt, kt, vt, teacher.segments, attn.scaling).reshape(
                         -1, heads * head_dim
                     )
             os_, ot = pair_linear(attn.o_proj, attn_s, attn_t)

@@ -411,3 +411,112 @@ def test_unsupported_architecture_falls_back_and_says_so_once():
         warnings.simplefilter("error")  # no second warning on use
         out = model.forward_pair(_mixed_batch())
     assert not model.fast_path and out.student_hidden.requires_grad
+
+
+# -- prefix sharing (fast path) ---------------------------------------------------------------------
+
+
+def _shared_prefix_batch(seed=0):
+    """Sequences that share prefixes every way the trainer produces them: one system prompt for all,
+    one prompt with several rollouts, two identical rollouts, a rollout that repeats the start of
+    another, an unrelated sequence, a prompt shorter than the shared prefix of the others."""
+    gen = torch.Generator().manual_seed(seed)
+    system = _ids(gen, 10)  # the chat template's system block: shared by every prompt below
+    question_a, question_b = _ids(gen, 5), _ids(gen, 4)
+    rollout = _ids(gen, 6)
+    student = [system + question_a] * 3 + [system + question_b, _ids(gen, 3), system[:6]]
+    completions = [rollout, rollout, rollout[:3] + _ids(gen, 4), _ids(gen, 5), _ids(gen, 2), _ids(gen, 3)]
+    # The teacher's prompt: the same template with a demonstration before the question.
+    demo = _ids(gen, 7)
+    teacher = [system + demo + question_a] * 3 + [system + demo + question_b, _ids(gen, 4), system[:6] + demo]
+    return PairBatch(student, teacher, completions)
+
+
+def test_stream_prefix_tree_layout():
+    from sdft_fast.model import _Stream
+
+    system, a, b = list(range(1, 11)), [20, 21, 22], [30, 31]
+    seqs = [system + a + [40, 41], system + a + [40, 41], system + b, system + a + [50], [7, 8]]
+    prompt_lens, completion_lens = [13, 13, 11, 13, 1], [2, 2, 1, 1, 2]
+    tree = _Stream(seqs, prompt_lens, completion_lens, "cpu", min_shared=2)
+    # every distinct prefix appears once: system (10) + a (3) + [40, 41] (2) + b (2) + [50] + [7, 8]
+    assert tree.input_ids.numel() == 10 + 3 + 2 + 2 + 1 + 2
+    for seq, p, c, rows in zip(seqs, prompt_lens, completion_lens, tree.gather_rows.split(completion_lens)):
+        # the rows gathered for a sequence hold its own tokens at its own positions
+        assert tree.input_ids[rows].tolist() == seq[p - 1 : p - 1 + c]
+        assert tree.position_ids[rows].tolist() == list(range(p - 1, p - 1 + c))
+    for segment in tree.segments:  # a segment attends to its prefix, then to itself
+        own = tuple(range(segment.start, segment.start + segment.length))
+        assert segment.key_rows[-segment.length :] == own
+        assert tree.position_ids[list(segment.key_rows)].tolist() == list(range(len(segment.key_rows)))
+    # identical sequences share every row; sharing off lays every sequence out in full
+    assert tree.gather_rows[0:2].tolist() == tree.gather_rows[2:4].tolist()
+    plain = _Stream(seqs, prompt_lens, completion_lens, "cpu", min_shared=0)
+    assert plain.input_ids.tolist() == [t for s in seqs for t in s]
+    assert all(s.key_rows == tuple(range(s.start, s.start + s.length)) for s in plain.segments)
+    # a common prefix shorter than min_shared is not shared
+    short = _Stream([[1, 2, 3, 9], [1, 2, 3, 8]], [3, 3], [1, 1], "cpu", min_shared=4)
+    assert short.input_ids.numel() == 8
+
+
+@pytest.mark.parametrize("make, teacher", [(_llama, "ema"), (_qwen2, "base"), (_qwen3, "live")])
+def test_prefix_sharing_equals_unshared_forward_and_gradients(make, teacher, monkeypatch):
+    import sdft_fast.model as model_module
+
+    monkeypatch.setattr(model_module, "MIN_SHARED_PREFIX", 3)
+    model = SelfDistillModel(make(), lora=LoraConfig(r=4, alpha=8), teacher=teacher)
+    _randomize_adapters(model)
+    batch = _shared_prefix_batch()
+    results = {}
+    for sharing in (True, False):
+        model.prefix_sharing = sharing
+        for p in model.trainable_parameters():
+            p.grad = None
+        out = model.forward_pair(batch)
+        loss = self_distill_loss(
+            out.student_hidden,
+            out.teacher_hidden,
+            model.lm_head_weight,
+            alpha=0.5,
+            sequence_ids=out.sequence_ids,
+            reduction="sequence_mean",
+            impl="reference",
+        )
+        loss.backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.trainable_parameters()])
+        results[sharing] = (out, loss.detach(), grads)
+    (shared, shared_loss, shared_grads), (plain, plain_loss, plain_grads) = results[True], results[False]
+    torch.testing.assert_close(shared.student_hidden, plain.student_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.teacher_hidden, plain.teacher_hidden, rtol=1e-5, atol=1e-5)
+    assert torch.equal(shared.sequence_ids, plain.sequence_ids) and torch.equal(shared.targets, plain.targets)
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert plain_grads.norm() > 0
+    assert (shared_grads - plain_grads).norm() <= 1e-5 * plain_grads.norm()
+    # and both equal the naive per-sequence HF forwards
+    reference = _separate_hidden(model, batch.student_prompts, batch.completions, "student")
+    torch.testing.assert_close(shared.student_hidden, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_sharing_computes_shared_rows_once(monkeypatch):
+    """With 4 rollouts of one prompt, the packed student stream holds the prompt once."""
+    import sdft_fast.model as model_module
+
+    model = SelfDistillModel(_llama(), lora=LoraConfig(r=4, alpha=8))
+    gen = torch.Generator().manual_seed(3)
+    prompt = _ids(gen, model_module.MIN_SHARED_PREFIX + 4)
+    completions = [_ids(gen, 5) for _ in range(4)]
+    seen = []
+    original = model_module.prefix_tree_attention
+
+    def spy(q, k, v, segments, scaling):
+        seen.append(q.shape[0])
+        return original(q, k, v, segments, scaling)
+
+    monkeypatch.setattr(model_module, "prefix_tree_attention", spy)
+    model.forward_student([prompt] * 4, completions)
+    rows_shared = seen[0]
+    model.prefix_sharing = False
+    seen.clear()
+    model.forward_student([prompt] * 4, completions)
+    assert rows_shared == len(prompt) + 4 * 4  # the prompt once, then 4 completions minus their last token
+    assert seen[0] == 4 * (len(prompt) + 4)
