@@ -593,6 +593,60 @@ class SelfDistillModel(nn.Module):
             )
         return module(student_x), teacher_y
 
+    def _fused_pair_linear(self, modules: list[nn.Module], student_x, teacher_x, student_slot: int):
+        """Several linear layers that read the same input (q/k/v; gate/up) as ONE wider layer.
+
+        One base GEMM over the concatenated weights instead of one per layer, one input concat,
+        one LoRA-A GEMM per row block; the backward's input gradient is one GEMM too. Only for
+        LoRA layers over frozen, shared base weights without dropout; anything else goes layer
+        by layer. Returns ([Ns, out_i] per layer, [Nt, out_i] per layer or Nones).
+        """
+        fusable = all(
+            isinstance(m, LoraLinear) and not m.fan_in_fan_out and not (m.dropout_p > 0 and m.training)
+            for m in modules
+        )
+        if not fusable:
+            pairs = [self._pair_linear(m, student_x, teacher_x, student_slot) for m in modules]
+            return [s for s, _ in pairs], [t for _, t in pairs]
+        outs = [m.out_features for m in modules]
+        weight = torch.cat([m.base.weight for m in modules])  # [sum out, in], frozen
+        bias = None
+        if any(m.base.bias is not None for m in modules):
+            bias = torch.cat(
+                [m.base.bias if m.base.bias is not None else weight.new_zeros(m.out_features) for m in modules]
+            )
+
+        def delta(x, slot):  # [N, in] -> [N, sum out] | None
+            if slot == ROUTE_NONE:
+                return None
+            factors = [(m.lora_A, m.lora_B) if slot == ROUTE_STUDENT else (m.ema_A, m.ema_B) for m in modules]
+            if any(a is None for a, _ in factors):
+                raise RuntimeError("teacher route used but a LoRA layer has no EMA teacher slot")
+            low = F.linear(x, torch.cat([a for a, _ in factors]))  # [N, sum r]
+            parts = low.split([a.shape[0] for a, _ in factors], dim=1)
+            return torch.cat(
+                [F.linear(part, b) * m.scaling for part, (_, b), m in zip(parts, factors, modules)], dim=1
+            )
+
+        student_delta = delta(student_x, student_slot)
+        if teacher_x is None:
+            student_y = F.linear(student_x, weight, bias)
+            teacher_y = None
+        else:
+            student_y, teacher_y = packed_linear(
+                student_x, teacher_x, weight, bias, own_student_storage=student_delta is None
+            )
+            with torch.no_grad():
+                teacher_delta = delta(teacher_x, self._teacher_lora_route)
+                if teacher_delta is not None:
+                    teacher_y = teacher_y + teacher_delta
+        if student_delta is not None:
+            student_y = student_y + student_delta
+        return (
+            list(student_y.split(outs, dim=1)),
+            [None] * len(modules) if teacher_y is None else list(teacher_y.split(outs, dim=1)),
+        )
+
     def _pair_norm(self, norm: nn.Module, student_x, teacher_x):
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
         return _rms_norm(student_x, norm.weight, eps), self._teacher_norm(norm, teacher_x)
@@ -641,9 +695,9 @@ class SelfDistillModel(nn.Module):
             head_dim = attn.head_dim
             # --- attention block
             xs, xt = self._pair_norm(layer.input_layernorm, student_h, teacher_h)
-            qs, qt = pair_linear(attn.q_proj, xs, xt)
-            ks, kt = pair_linear(attn.k_proj, xs, xt)
-            vs, vt = pair_linear(attn.v_proj, xs, xt)
+            (qs, ks, vs), (qt, kt, vt) = self._fused_pair_linear(
+                [attn.q_proj, attn.k_proj, attn.v_proj], xs, xt, student_slot
+            )
             qs, ks, vs = (
                 qs.view(-1, heads, head_dim),
                 ks.view(-1, kv_heads, head_dim),
@@ -676,8 +730,7 @@ class SelfDistillModel(nn.Module):
                 teacher_h = teacher_h + ot
             # --- SwiGLU MLP block
             xs, xt = self._pair_norm(layer.post_attention_layernorm, student_h, teacher_h)
-            gs, gt = pair_linear(mlp.gate_proj, xs, xt)
-            us, ut = pair_linear(mlp.up_proj, xs, xt)
+            (gs, us), (gt, ut) = self._fused_pair_linear([mlp.gate_proj, mlp.up_proj], xs, xt, student_slot)
             hidden_act = getattr(self.config, "hidden_act", None)
             ms = _gated_activation(mlp, gs, us, hidden_act)
             mt = None
