@@ -114,6 +114,7 @@ def run_ours(args) -> dict:
     step_times = [row["step_s"] for row in rows]
     return {
         "step_s": step_times[args.warmup :],
+        "sample_s": [row.get("sample_s", 0.0) for row in rows][args.warmup :],
         "completion_len": [row["completion_len_mean"] for row in rows],
         "loss": [row["loss"] for row in rows],
     }
@@ -270,7 +271,9 @@ def main(argv=None) -> int:
     print(f"{'trainer':<12}{'s/step (median)':>18}{'steps timed':>14}")
     print(f"{'TRL':<12}{trl_s:>18.3f}{len(results['trl']['step_s']):>14}")
     print(f"{'sdft_fast':<12}{ours_s:>18.3f}{len(results['ours']['step_s']):>14}")
-    print(f"speed-up: {ratio:.2f}x (goal >= 3x)")
+    ours_sample_s = statistics.median(results["ours"]["sample_s"])
+    print(f"speed-up: {ratio:.2f}x (goal >= 3x); sdft_fast's step: {ours_sample_s:.3f} s sampling, "
+          f"{ours_s - ours_sample_s:.3f} s scoring + backward + optimizer")
 
     if not args.no_csv:
         import torch
@@ -297,13 +300,19 @@ def main(argv=None) -> int:
             "speedup": round(ratio, 3),
             "trl_steps_s": " ".join(f"{t:.3f}" for t in results["trl"]["step_s"]),
             "ours_steps_s": " ".join(f"{t:.3f}" for t in results["ours"]["step_s"]),
+            "ours_sample_s": round(ours_sample_s, 4),
         }
-        new_file = not RESULTS_CSV.exists()
-        with open(RESULTS_CSV, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        # Older rows may lack newer columns: rewrite the file with the union of the headers.
+        previous, fields = [], list(row)
+        if RESULTS_CSV.exists():
+            with open(RESULTS_CSV, newline="") as handle:
+                reader = csv.DictReader(handle)
+                previous = list(reader)
+                fields = list(reader.fieldnames or []) + [f for f in row if f not in (reader.fieldnames or [])]
+        with open(RESULTS_CSV, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(previous + [row])
         print(f"appended to {RESULTS_CSV}")
     return 0
 
