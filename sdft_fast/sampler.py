@@ -154,19 +154,33 @@ def _fused_linear(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor 
     return weight, bias
 
 
-_ONEDNN_OK: bool | None = None  # None until the first pack tells whether oneDNN packing works here
+_ONEDNN_OK: bool | None = None  # None until _onednn_self_test ran in this process
+
+
+def _onednn_self_test() -> bool:
+    """Pack a small weight and compare with F.linear: the ops are internal to PyTorch
+    (inductor's frozen CPU graphs use them), so check once per process that they exist,
+    run on this CPU and compute the right thing before trusting them."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(24, 40, generator=gen)  # [out, in]
+        bias = torch.randn(24, generator=gen)
+        x = torch.randn(3, 40, generator=gen)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 3)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return bool(torch.allclose(y, F.linear(x, weight, bias), atol=1e-4, rtol=1e-4))
+    except (RuntimeError, AttributeError, TypeError):
+        return False
 
 
 def _onednn_available(weight: torch.Tensor) -> bool:
-    """oneDNN pre-packed fp32 GEMMs on this CPU (an internal op PyTorch uses for frozen inductor graphs)."""
-    return (
-        _ONEDNN_OK is not False
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    """oneDNN pre-packed fp32 GEMMs usable for this weight (CPU, fp32, ops present and correct)."""
+    global _ONEDNN_OK
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    if _ONEDNN_OK is None:
+        _ONEDNN_OK = _onednn_self_test()
+    return _ONEDNN_OK
 
 
 class _Linear:
@@ -190,10 +204,9 @@ class _Linear:
         if pack and _onednn_available(weight):
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-                _ONEDNN_OK = True
                 self.weight = None
             except RuntimeError:
-                _ONEDNN_OK = False  # e.g. a CPU oneDNN does not handle: never try again
+                _ONEDNN_OK = False  # a shape or layout oneDNN refuses: F.linear from now on
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x [N, in] -> [N, out]

@@ -209,12 +209,18 @@ def test_both_linear_backends_give_the_same_result(pack, monkeypatch):
     model = _model(_qwen3)
     prompts = _prompt_set()
     original_init = sampler._Decoder.__init__
+    built = []
 
     def init(self, model, rows, slots, pack=True, _force=pack):
         original_init(self, model, rows, slots, pack=_force)
+        built.append(self)
 
     monkeypatch.setattr(sampler._Decoder, "__init__", init)
     ours, step_logits = _run(model, prompts, max_new_tokens=4)
+    # the packed path really runs where this CPU has oneDNN (the dev box does)
+    expect_packed = pack and sampler._onednn_available(torch.zeros(1))
+    assert (built[0].layers[0].qkv.packed is not None) == expect_packed
+    assert (built[0].lm_head.packed is not None) == expect_packed
     assert ours == _hf_greedy(model, prompts, 4)
     for b, (prompt, completion) in enumerate(zip(prompts, ours)):
         got = torch.stack([step[b] for step in step_logits])
