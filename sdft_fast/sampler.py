@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,9 @@ from torch import nn
 
 from sdft_fast.lora import LoraLinear, current_route
 from sdft_fast.model import _apply_rope, _check_token_lists, _rms_norm
+
+if TYPE_CHECKING:
+    from sdft_fast.model import SelfDistillModel
 
 # RoPE types whose cos/sin at a position do not depend on how long the sequence is:
 # one table for all positions of the call reproduces HF exactly. "dynamic" and
@@ -76,7 +80,7 @@ def _sliding_window_in_use(config) -> int | None:
     return window if uses_window else None
 
 
-def supports_fast_generate(model, max_len: int | None = None) -> tuple[bool, str]:
+def supports_fast_generate(model: SelfDistillModel, max_len: int | None = None) -> tuple[bool, str]:
     """(True, "") when :func:`fast_generate` reproduces ``model.generate``; else (False, why).
 
     ``max_len`` = longest prompt + max_new_tokens. It only matters for models with a
@@ -89,7 +93,10 @@ def supports_fast_generate(model, max_len: int | None = None) -> tuple[bool, str
         return False, f"not a Llama-family fast-path model ({reason})"
     route = current_route()
     if isinstance(route, torch.Tensor):
-        return False, "a per-token LoRA route tensor is active (lora_route(tensor)); generation samples the student"
+        return (
+            False,
+            "a per-token LoRA route tensor is active (lora_route(tensor)); generation samples the student",
+        )
     backbone = model.hf_model.model
     rotary = backbone.rotary_emb
     rope_type = getattr(rotary, "rope_type", None)
@@ -113,7 +120,10 @@ def supports_fast_generate(model, max_len: int | None = None) -> tuple[bool, str
     window = _sliding_window_in_use(model.config)
     if window is not None:
         if max_len is None:
-            return False, f"sliding_window={window} is set: pass max_len to check that every sequence fits in it"
+            return (
+                False,
+                f"sliding_window={window} is set: pass max_len to check that every sequence fits in it",
+            )
         if max_len > window:
             return False, f"prompt + max_new_tokens = {max_len} tokens exceed sliding_window={window}"
     return True, ""
@@ -176,7 +186,11 @@ def _onednn_self_test() -> bool:
 def _onednn_available(weight: torch.Tensor) -> bool:
     """oneDNN pre-packed fp32 GEMMs usable for this weight (CPU, fp32, ops present and correct)."""
     global _ONEDNN_OK
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or not torch.backends.mkldnn.is_available()
+    ):
         return False
     if _ONEDNN_OK is None:
         _ONEDNN_OK = _onednn_self_test()
@@ -235,11 +249,12 @@ class _LayerWeights:
     scaling: float
 
 
-def _merge_layers(model, batch_hint: int, pack: bool) -> list[_LayerWeights]:
+def _merge_layers(model: SelfDistillModel, batch_hint: int, pack: bool) -> list[_LayerWeights]:
     backbone = model.hf_model.model
     layers = []
     for layer in backbone.layers[: model.config.num_hidden_layers]:
         attn, mlp = layer.self_attn, layer.mlp
+
         def linear(modules: list[nn.Module]) -> _Linear:
             return _Linear(*_fused_linear(modules), batch_hint=batch_hint, pack=pack)
 
@@ -268,7 +283,7 @@ class _Decoder:
     row, D hidden, H / Hkv heads, hd head dim, V vocabulary.
     """
 
-    def __init__(self, model, rows: int, slots: int, pack: bool = True):
+    def __init__(self, model: SelfDistillModel, rows: int, slots: int, pack: bool = True):
         config = model.config
         backbone = model.hf_model.model
         self.layers = _merge_layers(model, batch_hint=rows, pack=pack)
@@ -375,10 +390,16 @@ class _Decoder:
                 q_pad[u_of, i_of] = q
                 k_rows, v_rows = k_cache[rows_t, :, :keys], v_cache[rows_t, :, :keys]  # [U, Hkv, K, hd]
             out = F.scaled_dot_product_attention(
-                q_pad.transpose(1, 2), k_rows, v_rows, attn_mask=mask, is_causal=causal, scale=lw.scaling, **self.gqa
+                q_pad.transpose(1, 2),
+                k_rows,
+                v_rows,
+                attn_mask=mask,
+                is_causal=causal,
+                scale=lw.scaling,
+                **self.gqa,
             )  # [U, H, Tmax, hd]
             out = out.transpose(1, 2)  # [U, Tmax, H, hd]
-            attn = (out.reshape(t_max, -1) if single else out[u_of, i_of].reshape(len(ids), -1))  # [N, H hd]
+            attn = out.reshape(t_max, -1) if single else out[u_of, i_of].reshape(len(ids), -1)  # [N, H hd]
             if li == n_layers - 1:
                 # only the last prompt token of each segment predicts anything
                 h, attn = h[last], attn[last]  # [U, D], [U, H hd]
@@ -408,7 +429,9 @@ class _Decoder:
         ``keys`` = max(positions) + 1: attention reads cache slots [0, keys) only.
         """
         rows = torch.arange(tokens.shape[0], device=self.device)  # [R]
-        mask = (torch.arange(keys, device=self.device)[None, :] <= positions[:, None])[:, None, None]  # [R,1,1,K]
+        mask = (torch.arange(keys, device=self.device)[None, :] <= positions[:, None])[
+            :, None, None
+        ]  # [R,1,1,K]
         cos, sin = self.cos[positions], self.sin[positions]  # [R, hd]
         h = F.embedding(tokens, self.embed_w)  # [R, D]
         for li, lw in enumerate(self.layers):
@@ -442,7 +465,15 @@ def _common_prefix_len(prompts: list[list[int]]) -> int:
     return n
 
 
-def _check_args(model, prompts, max_new_tokens, do_sample, temperature, top_p, top_k) -> None:
+def _check_args(
+    model: SelfDistillModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+) -> None:
     # The checks of SelfDistillModel.generate, for callers that come here directly.
     _check_token_lists("prompts", prompts, getattr(model.config, "vocab_size", None), allow_empty=False)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -457,7 +488,7 @@ def _check_args(model, prompts, max_new_tokens, do_sample, temperature, top_p, t
 
 @torch.no_grad()
 def _generate(
-    model,
+    model: SelfDistillModel,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
@@ -479,7 +510,9 @@ def _generate(
     if not ok:
         raise NotImplementedError(f"fast_generate does not support this model: {reason}")
     eos_ids = (
-        [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        []
+        if eos_token_id is None
+        else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     )
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     device = model.device
@@ -508,7 +541,9 @@ def _generate(
     if prefix > 0:
         decoder.prefill([reps[0]], [unique[0][:prefix]], start=0, need_logits=False)
         decoder.copy_rows(reps[0], None, prefix)
-    unique_logits = decoder.prefill(reps, [p[prefix:] for p in unique], start=prefix, need_logits=True)  # [U, V]
+    unique_logits = decoder.prefill(
+        reps, [p[prefix:] for p in unique], start=prefix, need_logits=True
+    )  # [U, V]
     rep_set = set(reps)
     duplicates = [b for b in range(batch) if b not in rep_set]
     if duplicates:
@@ -546,7 +581,7 @@ def _generate(
 
 
 def fast_generate(
-    model,
+    model: SelfDistillModel,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,

@@ -140,7 +140,9 @@ def _one_thread():
 
 
 # ------------------------------------------------------------------------------ greedy == HF
-@pytest.mark.parametrize("make", [_llama, _qwen2, _qwen3, _mistral], ids=["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize(
+    "make", [_llama, _qwen2, _qwen3, _mistral], ids=["llama", "qwen2", "qwen3", "mistral"]
+)
 def test_greedy_equals_hf_generate_and_logits_equal_teacher_forced(make):
     model = _model(make)
     prompts = _prompt_set()
@@ -164,7 +166,9 @@ def test_full_fine_tuning_uses_the_current_weights():
     assert ours == _hf_greedy(model, prompts, 5)
     for b, (prompt, completion) in enumerate(zip(prompts, ours)):
         got = torch.stack([step[b] for step in step_logits])
-        torch.testing.assert_close(got, _teacher_forced_logits(model, prompt, completion), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got, _teacher_forced_logits(model, prompt, completion), atol=2e-5, rtol=1e-5
+        )
 
 
 def test_lora_delta_matters_and_merged_weights_do_not_leak():
@@ -224,7 +228,9 @@ def test_both_linear_backends_give_the_same_result(pack, monkeypatch):
     assert ours == _hf_greedy(model, prompts, 4)
     for b, (prompt, completion) in enumerate(zip(prompts, ours)):
         got = torch.stack([step[b] for step in step_logits])
-        torch.testing.assert_close(got, _teacher_forced_logits(model, prompt, completion), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got, _teacher_forced_logits(model, prompt, completion), atol=2e-5, rtol=1e-5
+        )
 
 
 def test_no_shared_prefix_and_single_prompt():
@@ -263,7 +269,9 @@ def test_eos_stops_a_row_and_nothing_follows_it():
     # rows still running keep the right logits after finished rows left the batch
     for b, (prompt, completion) in enumerate(zip(prompts, ours)):
         got = torch.stack([step_logits[j][b] for j in range(len(completion))])
-        torch.testing.assert_close(got, _teacher_forced_logits(model, prompt, completion), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got, _teacher_forced_logits(model, prompt, completion), atol=2e-5, rtol=1e-5
+        )
     # every row stops: the loop ends early, the EOS is included
     eos_all = {row[0] for row in free}
     stopped = fast_generate(model, prompts, max_new_tokens=8, do_sample=False, eos_token_id=sorted(eos_all))
@@ -356,4 +364,6 @@ def test_supports_fast_generate():
         fast_generate(windowed, [[1] * 10], max_new_tokens=8)
     # within the window it is the plain model
     prompts = [[1, 2, 3, 4], [5, 6]]
-    assert fast_generate(windowed, prompts, max_new_tokens=6, do_sample=False) == _hf_greedy(windowed, prompts, 6)
+    assert fast_generate(windowed, prompts, max_new_tokens=6, do_sample=False) == _hf_greedy(
+        windowed, prompts, 6
+    )
