@@ -352,6 +352,9 @@ class SelfDistillModel(nn.Module):
         }
         # Fast path: compute prefixes shared by several sequences of a stream once (exact; see _Stream).
         self.prefix_sharing = True
+        # generate(): our merged-weight KV-cache sampler (sdft_fast.sampler) where it supports the
+        # model, else the Hugging Face forward per token. Same contract and random stream.
+        self.fast_sampling = True
         self.fast_path, reason = self._fast_path_support()
         self._fallback_reason = reason
         self._warned_fallback = False
@@ -899,7 +902,11 @@ class SelfDistillModel(nn.Module):
         pad_token_id: int | None = None,
         seed: int | None = None,
     ) -> list[list[int]]:
-        """Batched sampling from the student (adapter active, never merged), KV cache, left padding.
+        """Batched sampling from the student, KV cache.
+
+        Llama-family models go through ``sdft_fast.sampler.fast_generate`` (student delta merged
+        into a per-call copy of the weights, our own decode loop); others, or
+        ``fast_sampling=False``, through the HF forward with the adapter active and left padding.
 
         Returns one completion per prompt, including the EOS token when one was
         produced and nothing after it.
@@ -915,6 +922,23 @@ class SelfDistillModel(nn.Module):
             raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
         if not prompts or max_new_tokens == 0:
             return [[] for _ in prompts]
+        if self.fast_sampling:
+            from sdft_fast.sampler import fast_generate, supports_fast_generate
+
+            supported, _ = supports_fast_generate(self, max(len(p) for p in prompts) + max_new_tokens)
+            if supported:
+                return fast_generate(
+                    self,
+                    prompts,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id,
+                    seed=seed,
+                )
         eos_ids = (
             []
             if eos_token_id is None
