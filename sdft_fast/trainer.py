@@ -2,8 +2,9 @@
 
 One optimizer step of ``method="sdft"`` reads top to bottom:
 
-1. take the next ``batch_size * grad_accum`` prompts of the shuffled data;
-2. sample one completion per prompt from the student (temperature 1.0);
+1. take the next ``batch_size * grad_accum / num_generations`` prompts of the shuffled data;
+2. sample ``num_generations`` completions per prompt from the student (temperature 1.0), so a step
+   always trains on ``batch_size * grad_accum`` sequences (the batch counts sequences, as in TRL);
 3. score every completion token twice in one shared-weight pass
    (``model.forward_pair``): the student sees the prompt, the teacher sees the
    prompt plus the demonstration;
@@ -74,6 +75,10 @@ class TrainConfig:
     loss_impl: str = "auto"  # "auto" (triton on CUDA, chunked torch elsewhere) | "torch" | "triton"
     skip_tokens: int = 3  # the first completion tokens carry little signal about the demonstration
     num_iterations: int = 1  # optimizer passes over one batch of rollouts
+    # Rollouts per prompt and step (sdft only). The batch counts sequences: a step takes
+    # batch_size * grad_accum / num_generations prompts and samples each num_generations times, the
+    # copies of a prompt next to each other in one micro-batch (so batch_size must be a multiple).
+    num_generations: int = 1
     importance_cap: float = 2.0  # clip of the importance ratio when num_iterations > 1
     # -- teacher
     teacher: str = "ema"  # "ema" | "base" | "live"; must match the model's teacher
@@ -135,12 +140,31 @@ class TrainConfig:
             fail("ema_rate", self.ema_rate, "must lie in [0, 1]")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", self.top_p, "must lie in (0, 1]")
-        for name in ("batch_size", "grad_accum", "num_iterations", "max_new_tokens", "log_every"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "num_iterations",
+            "num_generations",
+            "max_new_tokens",
+            "log_every",
+        ):
             if int(getattr(self, name)) < 1:
                 fail(name, getattr(self, name), "must be >= 1")
         for name in ("skip_tokens", "warmup_steps", "save_every", "eval_every", "lora_rank", "top_k"):
             if int(getattr(self, name)) < 0:
                 fail(name, getattr(self, name), "must be >= 0")
+        if self.num_generations > 1 and self.method != "sdft":
+            fail(
+                "num_generations",
+                self.num_generations,
+                f"only method='sdft' samples rollouts (method={self.method!r})",
+            )
+        if self.batch_size % self.num_generations:
+            fail(
+                "num_generations",
+                self.num_generations,
+                f"must divide batch_size={self.batch_size} (a micro-batch holds whole groups of one prompt's rollouts)",
+            )
         if self.keep_checkpoints < 1:
             fail("keep_checkpoints", self.keep_checkpoints, "must be >= 1 (the last good checkpoint is kept)")
         if self.max_steps is not None and self.max_steps < 1:
@@ -155,8 +179,14 @@ class TrainConfig:
             fail("dtype", self.dtype, "must be auto, float32, bfloat16 or float16")
 
     @property
-    def prompts_per_step(self) -> int:
+    def sequences_per_step(self) -> int:
+        """Sequences trained on per optimizer step (rollouts for sdft, demonstrations for sft)."""
         return self.batch_size * self.grad_accum
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Distinct prompts taken from the data per optimizer step."""
+        return self.sequences_per_step // self.num_generations
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -596,7 +626,8 @@ class Trainer:
     # -- rollouts -------------------------------------------------------------
 
     def _sample(self, indices: list[int]) -> _Rollouts:
-        """Sample one completion per prompt from the student, micro-batch by micro-batch."""
+        """Sample one completion per entry of ``indices`` (a prompt repeated num_generations times gets
+        that many independent draws), micro-batch by micro-batch."""
         config = self.config
         completions: list[list[int]] = []
         for micro, chunk in enumerate(_micro_batches(indices, config.batch_size)):
@@ -739,7 +770,9 @@ class Trainer:
         sample_s = 0.0
         if config.method == "sdft":
             if self.pending is None:
-                indices = self.cursor.take(config.prompts_per_step)
+                prompts = self.cursor.take(config.prompts_per_step)
+                # Each prompt num_generations times in a row: its rollouts share a micro-batch.
+                indices = [i for i in prompts for _ in range(config.num_generations)]
                 sample_started = time.perf_counter()
                 self.pending = self._sample(indices)
                 sample_s = time.perf_counter() - sample_started
@@ -857,10 +890,21 @@ class Trainer:
                 "resume needs the same data"
             )
         saved = state["config"]
-        for name in ("method", "batch_size", "grad_accum", "seed", "shuffle", "num_iterations", "teacher"):
-            if saved.get(name) != getattr(self.config, name):
+        for name in (
+            "method",
+            "batch_size",
+            "grad_accum",
+            "seed",
+            "shuffle",
+            "num_iterations",
+            "num_generations",
+            "teacher",
+        ):
+            # Checkpoints from before num_generations existed sampled one rollout per prompt.
+            saved_value = saved.get(name, 1 if name == "num_generations" else None)
+            if saved_value != getattr(self.config, name):
                 raise ValueError(
-                    f"{checkpoint}: saved with {name}={saved.get(name)!r}, this run has "
+                    f"{checkpoint}: saved with {name}={saved_value!r}, this run has "
                     f"{name}={getattr(self.config, name)!r}; resume would not continue the same run"
                 )
         self.step = int(state["step"])

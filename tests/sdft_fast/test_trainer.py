@@ -202,20 +202,27 @@ def test_whole_loop_rollout_loss_step_ema_checkpoint_eval(tiny_model_dir, tokeni
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("num_iterations", [1, 2])
-def test_resume_continues_exactly(tiny_model_dir, tokenizer, encoded, tmp_path, num_iterations):
+@pytest.mark.parametrize("num_iterations, num_generations", [(1, 1), (2, 1), (1, 2)])
+def test_resume_continues_exactly(
+    tiny_model_dir, tokenizer, encoded, tmp_path, num_iterations, num_generations
+):
     """4 steps in one go == 2 steps, stop, resume from the checkpoint, 2 more (stop lands mid-pass
-    for num_iterations=2 only at odd steps; 2 lands on a fresh rollout, so also test stop at 1)."""
+    for num_iterations=2 only at odd steps; 2 lands on a fresh rollout, so also test stop at 1).
+    num_generations=2: two rollouts of one prompt per step, the data cursor moving one prompt a step."""
     stop = 1 if num_iterations == 2 else 2
-    straight = build_model(tiny_model_dir, tiny_config(None, num_iterations=num_iterations))
-    straight_result = train(straight, tokenizer, encoded, tiny_config(None, num_iterations=num_iterations))
+    knobs = dict(num_iterations=num_iterations, num_generations=num_generations)
+    straight = build_model(tiny_model_dir, tiny_config(None, **knobs))
+    straight_result = train(straight, tokenizer, encoded, tiny_config(None, **knobs))
 
-    config = tiny_config(tmp_path, num_iterations=num_iterations)
+    config = tiny_config(tmp_path, **knobs)
     first = build_model(tiny_model_dir, config)
     first_result = train(first, tokenizer, encoded, config, stop_after=stop)
     assert first_result.stopped_early and first_result.steps == stop
     del first
     resumed = build_model(tiny_model_dir, config)
+    if num_generations > 1:
+        state = json.loads((latest_checkpoint(tmp_path) / "trainer_state.json").read_text())
+        assert state["data"] == {"epoch": 0, "position": stop * config.prompts_per_step}
     resumed_result = train(resumed, tokenizer, encoded, config, resume_from="latest")
     assert resumed_result.steps == 4
 
@@ -312,8 +319,51 @@ def test_cosine_schedule_with_warmup():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("method", "dpo"), ("teacher", "frozen"), ("alpha", 1.5), ("batch_size", 0), ("max_steps", 0)],
+    [
+        ("method", "dpo"),
+        ("teacher", "frozen"),
+        ("alpha", 1.5),
+        ("batch_size", 0),
+        ("max_steps", 0),
+        ("num_generations", 0),
+    ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         TrainConfig(**{field: value})
+
+
+def test_num_generations_needs_sdft_and_whole_groups_per_micro_batch():
+    with pytest.raises(ValueError, match=r"TrainConfig.num_generations=3: must divide batch_size=8"):
+        TrainConfig(num_generations=3, batch_size=8)
+    with pytest.raises(ValueError, match=r"TrainConfig.num_generations=2: only method='sdft'"):
+        TrainConfig(method="sft", num_generations=2)
+    config = TrainConfig(num_generations=4, batch_size=8, grad_accum=2)
+    assert config.sequences_per_step == 16 and config.prompts_per_step == 4
+
+
+def test_num_generations_samples_each_prompt_several_times(tiny_model_dir, tokenizer, encoded, monkeypatch):
+    """A step of batch 4 with num_generations=2 trains 4 rollouts of 2 prompts: the copies of a prompt
+    are adjacent, draw different completions (one seed per micro-batch, independent rows), and the
+    data cursor advances by prompts, so an epoch is still one pass over the prompts."""
+    seen = []
+    real_sample = trainer_module.Trainer._sample
+
+    def recording_sample(self, indices):
+        rollouts = real_sample(self, indices)
+        seen.append((list(indices), [list(c) for c in rollouts.completions]))
+        return rollouts
+
+    monkeypatch.setattr(trainer_module.Trainer, "_sample", recording_sample)
+    config = tiny_config(None, batch_size=4, num_generations=2, max_steps=None, epochs=2.0, max_new_tokens=12)
+    assert trainer_module.planned_steps(len(encoded), config) == 3  # 3 prompts x 2 epochs / 2 per step
+    model = build_model(tiny_model_dir, config)
+    result = train(model, tokenizer, encoded, config)
+    assert result.steps == 3 and len(seen) == 3
+    prompts_used = []
+    for indices, completions in seen:
+        assert len(indices) == 4 and indices[0] == indices[1] and indices[2] == indices[3]
+        prompts_used += indices[::2]
+        assert completions[0] != completions[1] or completions[2] != completions[3]
+    assert sorted(prompts_used) == [0, 0, 1, 1, 2, 2]  # every prompt once per epoch
+    assert all(row["completion_tokens"] > 0 for row in result.metrics)
