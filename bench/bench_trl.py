@@ -1,7 +1,8 @@
 """Seconds per SDFT training step: TRL's SDFTTrainer next to sdft_fast, same configuration.
 
 Configuration (the issue's reference point): SmolLM2-135M-Instruct (the embedded
-default), batch 8 prompts, one rollout each, completions of exactly 24 tokens
+default), batch 8 completions (8 prompts with one rollout each; `--num-generations G`: 8/G
+prompts with G rollouts each, where both trainers may share the prompt), completions of exactly 24 tokens
 (EOS ignored on both sides so the work is equal), LoRA r16 on all decoder
 linear layers, fp32, forward KL over the full vocabulary, EMA teacher at rate
 0.01, first 3 completion tokens masked. A step is everything an optimizer step
@@ -12,7 +13,7 @@ the first ``--warmup`` steps are not timed. Prints a table and appends a row
 to bench/results/trl.csv. Skips with a message when ``trl`` is missing
 (``pip install trl``; it is not a dependency of sdft_fast).
 
-    python bench/bench_trl.py [--steps 4] [--warmup 1] [--threads 2]
+    python bench/bench_trl.py [--steps 4] [--warmup 1] [--threads 2] [--num-generations 1]
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run_ours(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     examples = [
         Example(prompt=prompt, demonstration=demo, answers=None, row=i + 1, source="bench")
-        for i, (prompt, demo) in enumerate(bench_rows(args.batch_size))
+        for i, (prompt, demo) in enumerate(bench_rows(args.batch_size // args.num_generations))
     ]
     encoded = encode_examples(
         examples, tokenizer, limits=DataLimits(), teacher_template=DEFAULT_TEACHER_TEMPLATE
@@ -98,6 +99,7 @@ def run_ours(args) -> dict:
         ema_rate=0.01,
         skip_tokens=3,
         batch_size=args.batch_size,
+        num_generations=args.num_generations,
         max_new_tokens=args.completion,
         ignore_eos=True,
         lr=1e-4,
@@ -142,7 +144,7 @@ def run_trl(args) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    rows = bench_rows(args.batch_size)
+    rows = bench_rows(args.batch_size // args.num_generations)
     dataset = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": p}], "privileged_context": d} for p, d in rows]
     )
@@ -150,7 +152,7 @@ def run_trl(args) -> dict:
         config = SDFTConfig(
             output_dir=output_dir,
             per_device_train_batch_size=args.batch_size,
-            num_generations=1,
+            num_generations=args.num_generations,
             max_completion_length=args.completion,
             generation_kwargs={"min_new_tokens": args.completion},  # equal work: no early EOS
             distillation_mode="full_logits",
@@ -212,6 +214,8 @@ def run_side(side: str, args) -> dict:
         str(args.warmup),
         "--batch-size",
         str(args.batch_size),
+        "--num-generations",
+        str(args.num_generations),
         "--completion",
         str(args.completion),
         "--lora-rank",
@@ -237,13 +241,18 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="completions per step")
+    parser.add_argument(
+        "--num-generations", type=int, default=1, help="rollouts per prompt (batch-size / this many prompts)"
+    )
     parser.add_argument("--completion", type=int, default=24, help="completion tokens per rollout")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--only", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-csv", action="store_true", help="print only, append no CSV row")
     args = parser.parse_args(argv)
+    if args.num_generations < 1 or args.batch_size % args.num_generations:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of --num-generations {args.num_generations}")
 
     if importlib.util.find_spec("trl") is None:
         print("bench_trl: skipped: `trl` is not installed (pip install trl; not a dependency of sdft_fast)")
@@ -265,7 +274,8 @@ def main(argv=None) -> int:
     trl_s = statistics.median(results["trl"]["step_s"])
     ratio = trl_s / ours_s
     print(
-        f"\nSDFT step, {Path(args.model).name}, batch {args.batch_size}, completion {args.completion}, "
+        f"\nSDFT step, {Path(args.model).name}, batch {args.batch_size} ({args.num_generations} per prompt), "
+        f"completion {args.completion}, "
         f"LoRA r{args.lora_rank}, fp32, {args.threads} threads, CPU"
     )
     print(f"{'trainer':<12}{'s/step (median)':>18}{'steps timed':>14}")
@@ -291,6 +301,7 @@ def main(argv=None) -> int:
             "trl": trl.__version__,
             "model": Path(args.model).name,
             "batch_size": args.batch_size,
+            "num_generations": args.num_generations,
             "completion_tokens": args.completion,
             "lora_rank": args.lora_rank,
             "dtype": "float32",
