@@ -108,6 +108,16 @@ def _hf_greedy(model: SelfDistillModel, prompts, max_new_tokens, pad=0, eos=None
     return out[:, width:].tolist()
 
 
+def _reference_generate(model: SelfDistillModel, prompts, **kwargs) -> list[list[int]]:
+    """SelfDistillModel.generate on its HF-forward path (its dispatch to fast_generate switched off)."""
+    saved = model.__dict__.get("fast_sampling", True)
+    model.fast_sampling = False
+    try:
+        return model.generate(prompts, **kwargs)
+    finally:
+        model.fast_sampling = saved
+
+
 def _teacher_forced_logits(model: SelfDistillModel, prompt, completion) -> torch.Tensor:
     """[len(completion), V] fp32 logits of one unpadded HF forward over prompt + completion."""
     with torch.no_grad(), lora_route("student"):
@@ -148,7 +158,7 @@ def test_greedy_equals_hf_generate_and_logits_equal_teacher_forced(make):
     prompts = _prompt_set()
     ours, step_logits = _run(model, prompts, max_new_tokens=7)
     assert ours == _hf_greedy(model, prompts, 7)
-    assert ours == model.generate(prompts, max_new_tokens=7, do_sample=False)
+    assert ours == _reference_generate(model, prompts, max_new_tokens=7, do_sample=False)
     assert len(step_logits) == 7
     for b, (prompt, completion) in enumerate(zip(prompts, ours)):
         ref = _teacher_forced_logits(model, prompt, completion)  # [7, V]
@@ -265,7 +275,9 @@ def test_eos_stops_a_row_and_nothing_follows_it():
         expected = row_free[: row_free.index(eos) + 1] if eos in row_free else row_free
         assert row == expected
     assert ours[1][-1] == eos and len(ours[1]) == 3
-    assert ours == model.generate(prompts, max_new_tokens=8, do_sample=False, eos_token_id=[eos, VOCAB - 1])
+    assert ours == _reference_generate(
+        model, prompts, max_new_tokens=8, do_sample=False, eos_token_id=[eos, VOCAB - 1]
+    )
     # rows still running keep the right logits after finished rows left the batch
     for b, (prompt, completion) in enumerate(zip(prompts, ours)):
         got = torch.stack([step_logits[j][b] for j in range(len(completion))])
@@ -288,14 +300,29 @@ def test_seeded_sampling_is_deterministic_and_matches_generate():
     assert all(len(c) == 12 for c in first)
     # Logits agree with the HF path to ~1e-6 on this model and the draw is one exponential per
     # vocabulary entry whatever the values, so the same seed gives the same tokens.
-    assert first == model.generate(prompts, seed=123, **kwargs)
+    assert first == _reference_generate(model, prompts, seed=123, **kwargs)
     eos = first[0][3]
     stopped = fast_generate(model, prompts, seed=123, eos_token_id=[eos, VOCAB - 1], **kwargs)
-    assert stopped == model.generate(prompts, seed=123, eos_token_id=[eos, VOCAB - 1], **kwargs)
+    assert stopped == _reference_generate(model, prompts, seed=123, eos_token_id=[eos, VOCAB - 1], **kwargs)
     assert stopped[0] == first[0][: first[0].index(eos) + 1]
     # plain temperature-1 sampling as the trainer uses it
     plain = dict(max_new_tokens=10, temperature=1.0)
-    assert fast_generate(model, prompts, seed=9, **plain) == model.generate(prompts, seed=9, **plain)
+    assert fast_generate(model, prompts, seed=9, **plain) == _reference_generate(
+        model, prompts, seed=9, **plain
+    )
+
+
+def test_reference_is_the_hf_path(monkeypatch):
+    # The comparisons above must not compare fast_generate with itself through generate's dispatch.
+    model = _model(_llama)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference went through the fast sampler")
+
+    monkeypatch.setattr(sampler, "fast_generate", refuse)
+    monkeypatch.setattr(sampler, "_generate", refuse)
+    assert len(_reference_generate(model, [[1, 2, 3]], max_new_tokens=3, seed=0)[0]) == 3
+    assert model.__dict__.get("fast_sampling", True) is True  # restored
 
 
 def test_unseeded_sampling_varies():
