@@ -19,15 +19,6 @@ from sdft_fast.lora import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: threading only adds overhead on the shared 2-core CI machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layer(seed=0, in_f=12, out_f=10, r=3, bias=True):
     torch.manual_seed(seed)
     layer = LoraLinear(nn.Linear(in_f, out_f, bias=bias), r=r, alpha=6.0)

@@ -6,65 +6,23 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import SMALL, VOCAB
+from tiny_models import gpt2 as _gpt2
+from tiny_models import llama as _llama
+from tiny_models import mistral as _mistral
+from tiny_models import qwen2 as _qwen2
+from tiny_models import qwen3 as _qwen3
+from tiny_models import random_ids as _ids
+from tiny_models import randomize_adapters as _randomize_adapters
 from transformers import (
     AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 from sdft_fast.lora import LoraConfig, lora_route
 from sdft_fast.loss import self_distill_loss
 from sdft_fast.model import PairBatch, PairHidden, SelfDistillModel
-
-VOCAB = 96
-SMALL = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-)
-
-
-def _llama(seed=0, **extra):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **SMALL, **extra)).eval()
-
-
-def _qwen2(seed=0):
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, **SMALL)).eval()  # q/k/v biases
-
-
-def _qwen3(seed=0):
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, head_dim=8, **SMALL)).eval()  # q_norm/k_norm
-
-
-def _gpt2(seed=0):
-    torch.manual_seed(seed)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128)
-    config.bos_token_id = config.eos_token_id = VOCAB - 1
-    return GPT2LMHeadModel(config).eval()
-
-
-def _randomize_adapters(model: SelfDistillModel, seed=1):
-    """LoRA B starts at 0; give both slots distinct non-zero values so every route is visible."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.lora_layers.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
-            if layer.has_teacher_slot:
-                layer.ema_A.copy_(torch.randn(layer.ema_A.shape, generator=gen) * 0.2)
-                layer.ema_B.copy_(torch.randn(layer.ema_B.shape, generator=gen) * 0.2)
-
-
-def _ids(gen, n):
-    return torch.randint(0, VOCAB - 1, (n,), generator=gen).tolist()
 
 
 def _mixed_batch(seed=0):
@@ -87,22 +45,6 @@ def _separate_hidden(model: SelfDistillModel, prompts, completions, route, grad=
             hidden = model.hf_model.base_model(input_ids=ids).last_hidden_state[0]  # [T, D]
         rows.append(hidden[len(prompt) - 1 : len(prompt) - 1 + len(completion)])
     return torch.cat(rows)
-
-
-def _mistral(seed=0):
-    torch.manual_seed(seed)
-    return MistralForCausalLM(
-        MistralConfig(vocab_size=VOCAB, head_dim=8, sliding_window=None, **SMALL)
-    ).eval()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: threading only adds overhead on the shared 2-core CI machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

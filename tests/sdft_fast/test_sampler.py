@@ -6,56 +6,19 @@ import warnings
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from tiny_models import VOCAB
+from tiny_models import gpt2 as _gpt2
+from tiny_models import llama as _llama
+from tiny_models import mistral as _mistral
+from tiny_models import qwen2 as _qwen2
+from tiny_models import qwen3 as _qwen3
+from tiny_models import random_ids as _ids
+from tiny_models import randomize_adapters as _randomize_adapters
 
 import sdft_fast.sampler as sampler
 from sdft_fast.lora import LoraConfig, lora_route
 from sdft_fast.model import SelfDistillModel
 from sdft_fast.sampler import _generate, fast_generate, supports_fast_generate
-
-VOCAB = 96
-SMALL = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-)
-
-
-def _llama(seed=0, **extra):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **SMALL, **extra)).eval()
-
-
-def _qwen2(seed=0):
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, **SMALL)).eval()  # q/k/v biases
-
-
-def _qwen3(seed=0):
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, head_dim=8, **SMALL)).eval()  # q_norm/k_norm
-
-
-def _mistral(seed=0, sliding_window=None):
-    torch.manual_seed(seed)
-    return MistralForCausalLM(
-        MistralConfig(vocab_size=VOCAB, head_dim=8, sliding_window=sliding_window, **SMALL)
-    ).eval()
-
-
-def _gpt2(seed=0):
-    torch.manual_seed(seed)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128)
-    return GPT2LMHeadModel(config).eval()
 
 
 def _model(make, lora=True, **kwargs) -> SelfDistillModel:
@@ -65,21 +28,6 @@ def _model(make, lora=True, **kwargs) -> SelfDistillModel:
     if lora:
         _randomize_adapters(model)
     return model
-
-
-def _randomize_adapters(model: SelfDistillModel, seed=1):
-    """LoRA B starts at 0; a non-zero B makes the merged delta matter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.lora_layers.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
-            if layer.has_teacher_slot:
-                layer.ema_A.copy_(torch.randn(layer.ema_A.shape, generator=gen) * 0.2)
-                layer.ema_B.copy_(torch.randn(layer.ema_B.shape, generator=gen) * 0.2)
-
-
-def _ids(gen, n):
-    return torch.randint(0, VOCAB - 1, (n,), generator=gen).tolist()
 
 
 def _prompt_set() -> list[list[int]]:
@@ -138,15 +86,6 @@ def _run(model, prompts, keep_logits=True, **kwargs):
     )
     args.update(kwargs)
     return _generate(model, prompts, keep_logits=keep_logits, **args)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: threading only adds overhead on the shared 2-core CI machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------ greedy == HF
