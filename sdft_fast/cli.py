@@ -163,6 +163,13 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--skip-tokens", "skip_tokens", int, "first completion tokens left out of the loss (3)"),
     ("--num-iterations", "num_iterations", int, "optimizer passes over one batch of rollouts (1)"),
     (
+        "--num-generations",
+        "num_generations",
+        int,
+        "rollouts per prompt per step; the batch counts sequences, so a step takes "
+        "batch-size x grad-accum / num-generations prompts (1)",
+    ),
+    (
         "--importance-cap",
         "importance_cap",
         float,
@@ -380,8 +387,22 @@ def cmd_bench(args) -> int:
 # why no completion tokens are masked here (skip_tokens=0).
 
 # Demo defaults for SmolLM2-135M-Instruct on 2 CPU threads: the whole demo (start evaluation, two
-# trainings, two evaluations) is sized to fit in 15 minutes (an SDFT step with 16-token rollouts takes
-# about 5 s, an SFT step about 1.5 s on a 2-core EPYC). See bench/results/demo.md for what it shows.
+# trainings, two evaluations) is sized to fit in 15 minutes (an SDFT step with 16-token rollouts took
+# 6.7 s in the last full run, an SFT step 2.8 s; the faster sampler/forward aim at ~2.5-3 s and ~1 s).
+#
+# What these settings reach, and why (SmolLM2-135M, LoRA r16; runs on 10-fact subsets, 1 thread; the
+# numbers are in the commit that added this note). SDFT learned none of the facts under any lever
+# tried: lr 1e-3 and 3e-3, rollout temperature 1.0 and 0.5, 16 and 24 tokens, 4 rollouts per prompt
+# (num_generations), 2 or 6-8 training prompts per fact, 50 to 150 steps (3-4x this budget per fact).
+# Direct accuracy stayed 0%, the student's log-prob of the answers did not move, and retention fell
+# with every extra step (80% at 50 steps, 55% at 150). On the student's own rollouts only ~2% of the
+# per-token divergence concerns the fact (the teacher's probability on the answer's first token at the
+# one position where the answer goes); the rest is the in-context teacher's style, the same for every
+# fact, so the student learns "The answer is: ..." long before any name. SFT on the same data and
+# budget per fact memorises the two training prompts and, since the direct questions are close
+# rephrasings of them, answers 70% (10 facts, 12 epochs, lr 1e-3) at retention 50%; at lr 3e-4 it
+# stays at 0% like SDFT, where "equal new-fact accuracy" compares nothing but step counts. The
+# defaults keep the measured budget-fitting run: SDFT 80 steps at 1e-3, SFT 60 steps at 3e-4.
 DEMO_DEFAULTS: dict[str, Any] = {
     "sdft_steps": 80,
     "sdft_lr": 1e-3,
@@ -389,6 +410,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "sft_lr": 3e-4,
     "lora_rank": 16,
     "batch_size": 8,
+    "num_generations": 1,
     "max_new_tokens": 16,
     "eval_max_new_tokens": 32,
     "skip_tokens": 0,
@@ -404,6 +426,8 @@ def _demo_train_config(method: str, args, output_dir: Path):
 
     return TrainConfig(
         method=method,
+        # Only SDFT samples: SFT trains once on each prompt's demonstration.
+        num_generations=args.num_generations if method == "sdft" else 1,
         teacher=args.teacher,
         ema_rate=args.ema_rate,
         skip_tokens=args.skip_tokens,
@@ -453,6 +477,8 @@ def _demo_scores(model, tokenizer, demo, reference, args, *, teacher_view: bool 
 
 def run_demo(args) -> dict[str, Any]:
     """Train SDFT and SFT from the same start on the demo facts; evaluate before and after each."""
+    from collections import Counter
+
     import torch
 
     from sdft_fast.data import DataLimits, encode_examples
@@ -477,8 +503,17 @@ def run_demo(args) -> dict[str, Any]:
         if method not in ("sdft", "sft"):
             raise ValueError(f"--methods: unknown method {method!r} (sdft, sft)")
 
+    per_fact = Counter(row.meta["fact"] for row in demo.train)
     results: dict[str, Any] = {
         "settings": {k: getattr(args, k) for k in DEMO_DEFAULTS},
+        "data": {
+            "facts": len(demo.documents),
+            "train_prompts": len(demo.train),
+            "train_prompts_per_fact_min": min(per_fact.values()),
+            "train_prompts_per_fact_max": max(per_fact.values()),
+            "direct_questions": len(demo.direct),
+            "indirect_questions": len(demo.indirect),
+        },
         "teacher_template": args.teacher_template,
         "model": model_path.name,
         "methods": {},
@@ -494,7 +529,9 @@ def run_demo(args) -> dict[str, Any]:
             results["start"] = _demo_scores(model, tokenizer, demo, reference, args, teacher_view=True)
             _log(_score_line("start", results["start"]))
         _log(
-            f"training {method.upper()}: {config.max_steps} steps, batch {config.batch_size}, lr {config.lr}"
+            f"training {method.upper()}: {config.max_steps} steps, batch {config.batch_size} sequences"
+            + (f" ({config.num_generations} rollouts per prompt)" if method == "sdft" else "")
+            + f", lr {config.lr}"
         )
         shutil_rmtree(Path(config.output_dir))
         result = train(model, tokenizer, encoded, config)
@@ -562,6 +599,35 @@ def _format_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _training_data_line(results: dict[str, Any]) -> str:
+    """What both methods trained on, from the loaded demo data (not a constant)."""
+    data = results.get("data")
+    if not data:
+        return "- Training data: not recorded."
+    low, high = data["train_prompts_per_fact_min"], data["train_prompts_per_fact_max"]
+    per_fact = f"{low}" if low == high else f"{low}-{high}"
+    return (
+        f"- Training data (both methods): {data['train_prompts']} training prompts for {data['facts']} facts "
+        f"({per_fact} per fact, each with a demonstration grounded in the fact's document); evaluated on "
+        f"{data['direct_questions']} direct and {data['indirect_questions']} indirect held-out questions "
+        "that no training prompt copies."
+    )
+
+
+def _method_settings_line(settings: dict[str, Any]) -> str:
+    batch = settings["batch_size"]
+    generations = settings.get("num_generations", 1)
+    sdft = (
+        f"SDFT: {settings['sdft_steps']} steps x {batch} rollouts ({batch // generations} prompts x "
+        f"{generations} samples each, {settings['max_new_tokens']} tokens, temperature 1), lr {settings['sdft_lr']}, "
+        f"teacher {settings['teacher']}"
+        + (f" (EMA rate {settings['ema_rate']})" if settings["teacher"] == "ema" else "")
+        + f", forward KL, skip_tokens {settings['skip_tokens']}"
+    )
+    sft = f"SFT: {settings['sft_steps']} steps x {batch} demonstrations, lr {settings['sft_lr']}"
+    return f"- {sdft}; {sft}; both LoRA r{settings['lora_rank']}, warmup {settings['warmup_steps']} steps, seed {settings['seed']}."
+
+
 def _write_demo_report(results: dict[str, Any], report_dir: Path, *, model_name: str) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     rows = _demo_table(results)
@@ -569,7 +635,7 @@ def _write_demo_report(results: dict[str, Any], report_dir: Path, *, model_name:
     start = results["start"]
     settings = results["settings"]
     markdown = [
-        "# SDFT vs SFT: injecting 40 fictional facts into SmolLM2-135M-Instruct",
+        f"# SDFT vs SFT: injecting {results.get('data', {}).get('facts', 40)} fictional facts into {model_name}",
         "",
         f"Written by `sdft-fast demo` on {time.strftime('%Y-%m-%d %H:%M')}; whole demo {results['wall_s']:.0f} s "
         f"(model `{model_name}`).",
@@ -584,7 +650,9 @@ def _write_demo_report(results: dict[str, Any], report_dir: Path, *, model_name:
         f"- With the fact in context (the teacher's view) the start model answers "
         f"{start.get('direct_in_context', float('nan')):.1%} of the direct questions: the ceiling for what "
         "self-distillation can transfer from this teacher.",
-        "- Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".",
+        _training_data_line(results),
+        _method_settings_line(settings),
+        "- All settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".",
         f"- Teacher prompt template: `{results.get('teacher_template', '')!r}`.",
         "",
         "![SDFT vs SFT](demo.png)",

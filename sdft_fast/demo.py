@@ -11,6 +11,13 @@ Direct questions ask for the fact itself in new words; indirect ones need it app
 direction, or a detail reached through another entity), so repeating a memorised sentence is not
 enough. All entities are invented, so the untrained model scores about 0 on both.
 
+Each fact has two training prompts; the direct questions are close rephrasings of one of them (the
+tests bound how close), the indirect ones are not. More prompts per fact were tried (6-8 per fact,
+written from other angles): at a fixed step budget they made SFT *worse* on the held-out questions
+(10 facts, lr 1e-3, 30 steps: 30% direct with 7 prompts per fact vs 70% with these 2, which it sees 12
+times each), because on a 135M model what transfers is memorising the near-rephrasing, and SDFT learned
+none of the facts either way (see the note above DEMO_DEFAULTS in sdft_fast/cli.py).
+
 Evaluation rows carry the fact's document as their `demonstration`: evaluated with
 `view="teacher"`, they measure what the model can answer with the fact in context, which bounds what
 self-distillation can teach it.

@@ -182,3 +182,45 @@ def test_bench_lists_the_trl_benchmark(tmp_path):
     done = run_cli("bench", "--list", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "trl" in done.stdout
+
+
+def test_demo_configs_and_report_say_what_was_trained(tmp_path):
+    """The demo's SDFT run samples num_generations rollouts per prompt, its SFT run one target per
+    prompt; the report states the training data (prompts per fact) and the settings it ran with."""
+    from sdft_fast import cli
+
+    args = cli.build_parser().parse_args(["demo", "--num-generations", "4", "--no-progress"])
+    sdft = cli._demo_train_config("sdft", args, tmp_path)
+    sft = cli._demo_train_config("sft", args, tmp_path)
+    assert sdft.num_generations == 4 and sdft.prompts_per_step == args.batch_size // 4
+    assert sft.num_generations == 1 and sft.lr == args.sft_lr and sft.max_steps == args.sft_steps
+    with pytest.raises(ValueError, match="TrainConfig.num_generations=3"):
+        cli._demo_train_config(
+            "sdft", cli.build_parser().parse_args(["demo", "--num-generations", "3"]), tmp_path
+        )
+
+    settings = {k: getattr(args, k) for k in cli.DEMO_DEFAULTS}
+    data = {
+        "facts": 2,
+        "train_prompts": 13,
+        "train_prompts_per_fact_min": 6,
+        "train_prompts_per_fact_max": 7,
+        "direct_questions": 2,
+        "indirect_questions": 2,
+    }
+    scores = {"direct": 0.5, "indirect": 0.0, "retention": 0.9, "kl_from_start": 0.1, "records": {}}
+    results = {
+        "settings": settings,
+        "data": data,
+        "teacher_template": "{demonstration} {prompt}",
+        "model": "tiny",
+        "start": dict(scores, direct=0.0, direct_in_context=1.0),
+        "methods": {"sdft": dict(scores, train_s=1.0, steps=3, final_loss=0.1)},
+        "wall_s": 2.0,
+    }
+    cli._write_demo_report(results, tmp_path, model_name="tiny")
+    report = (tmp_path / "demo.md").read_text()
+    assert "13 training prompts for 2 facts (6-7 per fact" in report
+    assert f"{args.batch_size // 4} prompts x 4 samples each" in report
+    assert f"SFT: {args.sft_steps} steps" in report
+    assert json.loads((tmp_path / "demo.json").read_text())["data"]["train_prompts"] == 13

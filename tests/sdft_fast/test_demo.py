@@ -55,6 +55,30 @@ def test_questions_are_unique_and_distinct_from_training_prompts(demo):
     assert not set(questions) & {row.prompt for row in demo.train}
 
 
+_FUNCTION_WORDS = set(
+    "a an the of in on at to for by with is was were are did do does what which who whom whose how when where "
+    "why would could can you your it its from and or that this be been has have had me tell give one about".split()
+)
+
+
+def _content_words(text: str) -> set[str]:
+    return {word for word in normalize_text(text).split() if word not in _FUNCTION_WORDS}
+
+
+def test_no_training_prompt_is_a_copy_or_reordering_of_a_held_out_question(demo):
+    """The held-out questions stay held out: no training prompt of the same fact uses (nearly) the same
+    content words as a direct or indirect question. Sharing the entity names cannot be avoided, so the
+    bound is on the word-set overlap (Jaccard), not on any shared word."""
+    for question in demo.direct + demo.indirect:
+        asked = _content_words(question.prompt)
+        for row in demo.train:
+            if row.meta["fact"] != question.meta["fact"]:
+                continue
+            words = _content_words(row.prompt)
+            overlap = len(words & asked) / len(words | asked)
+            assert overlap < 0.85, (row.prompt, question.prompt, overlap)
+
+
 def test_entity_answers_do_not_collide_across_facts(demo):
     # A distinctive answer for one fact must not be the answer to another fact's direct question.
     owner = {}
