@@ -610,7 +610,7 @@ def _training_data_line(results: dict[str, Any]) -> str:
         f"- Training data (both methods): {data['train_prompts']} training prompts for {data['facts']} facts "
         f"({per_fact} per fact, each with a demonstration grounded in the fact's document); evaluated on "
         f"{data['direct_questions']} direct and {data['indirect_questions']} indirect held-out questions "
-        "that no training prompt copies."
+        "(none is a training prompt; the direct ones rephrase a training question, the indirect ones do not)."
     )
 
 
