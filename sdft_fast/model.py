@@ -111,6 +111,19 @@ def _check_token_lists(name: str, seqs, vocab_size: int | None, allow_empty: boo
                 raise ValueError(f"{name}[{b}][{t}] = {tok} is outside the vocabulary [0, {vocab_size})")
 
 
+def check_generate_args(config, prompts, max_new_tokens, do_sample, temperature, top_p, top_k) -> None:
+    """The argument checks of ``SelfDistillModel.generate`` (shared with ``sampler.fast_generate``)."""
+    _check_token_lists("prompts", prompts, getattr(config, "vocab_size", None), allow_empty=False)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same arithmetic as HF's LlamaRMSNorm: normalise in fp32, scale in the input dtype.
     input_dtype = x.dtype
@@ -245,8 +258,15 @@ def prefix_tree_attention(
             key_lengths = [len(s.key_rows) for s in segments]
             cu_k = torch.tensor([0, *itertools.accumulate(key_lengths)], dtype=torch.int32, device=q.device)
             return flash(
-                q, k[key_index], v[key_index], cu_q, cu_k, max(lengths), max(key_lengths),
-                softmax_scale=scaling, causal=True,
+                q,
+                k[key_index],
+                v[key_index],
+                cu_q,
+                cu_k,
+                max(lengths),
+                max(key_lengths),
+                softmax_scale=scaling,
+                causal=True,
             )
         return flash(q, k, v, cu_q, cu_q, max(lengths), max(lengths), softmax_scale=scaling, causal=True)
     # SDPA's enable_gqa keeps the fused CPU kernel and saves the un-repeated K/V for backward.
@@ -258,7 +278,9 @@ def prefix_tree_attention(
     pieces, row_order = [], []
     for (length, key_length), group in groups.items():
         g, first = len(group), group[0].start
-        back_to_back = key_length == length and all(s.start == first + i * length for i, s in enumerate(group))
+        back_to_back = key_length == length and all(
+            s.start == first + i * length for i, s in enumerate(group)
+        )
         if back_to_back:  # a view, no gather copy
             rows = torch.arange(first, first + g * length, device=q.device)
             qg, kg, vg = (t[first : first + g * length] for t in (q, k, v))
@@ -616,7 +638,10 @@ class SelfDistillModel(nn.Module):
         bias = None
         if any(m.base.bias is not None for m in modules):
             bias = torch.cat(
-                [m.base.bias if m.base.bias is not None else weight.new_zeros(m.out_features) for m in modules]
+                [
+                    m.base.bias if m.base.bias is not None else weight.new_zeros(m.out_features)
+                    for m in modules
+                ]
             )
 
         def delta(x, slot):  # [N, in] -> [N, sum out] | None
@@ -911,15 +936,7 @@ class SelfDistillModel(nn.Module):
         Returns one completion per prompt, including the EOS token when one was
         produced and nothing after it.
         """
-        _check_token_lists("prompts", prompts, getattr(self.config, "vocab_size", None), allow_empty=False)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
+        check_generate_args(self.config, prompts, max_new_tokens, do_sample, temperature, top_p, top_k)
         if not prompts or max_new_tokens == 0:
             return [[] for _ in prompts]
         if self.fast_sampling:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdft_fast.lora import LoraLinear, current_route
-from sdft_fast.model import _apply_rope, _check_token_lists, _rms_norm
+from sdft_fast.model import _apply_rope, _rms_norm, check_generate_args
 
 if TYPE_CHECKING:
     from sdft_fast.model import SelfDistillModel
@@ -465,27 +465,6 @@ def _common_prefix_len(prompts: list[list[int]]) -> int:
     return n
 
 
-def _check_args(
-    model: SelfDistillModel,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-) -> None:
-    # The checks of SelfDistillModel.generate, for callers that come here directly.
-    _check_token_lists("prompts", prompts, getattr(model.config, "vocab_size", None), allow_empty=False)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
-
-
 @torch.no_grad()
 def _generate(
     model: SelfDistillModel,
@@ -502,7 +481,7 @@ def _generate(
     keep_logits: bool,
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """fast_generate, plus (when ``keep_logits``) the fp32 logits [B, V] each step sampled from."""
-    _check_args(model, prompts, max_new_tokens, do_sample, temperature, top_p, top_k)
+    check_generate_args(model.config, prompts, max_new_tokens, do_sample, temperature, top_p, top_k)
     if not prompts or max_new_tokens == 0:
         return [[] for _ in prompts], []
     lens = [len(p) for p in prompts]
