@@ -387,11 +387,11 @@ def cmd_bench(args) -> int:
 # why no completion tokens are masked here (skip_tokens=0).
 
 # Demo defaults for SmolLM2-135M-Instruct on 2 CPU threads: the whole demo (start evaluation, two
-# trainings, two evaluations) is sized to fit in 15 minutes (an SDFT step with 16-token rollouts took
-# 6.7 s in the last full run, an SFT step 2.8 s; the faster sampler/forward aim at ~2.5-3 s and ~1 s).
+# trainings, two evaluations) is sized to fit in 15 minutes: the last full run took 609 s (an SDFT step
+# with 16-token rollouts 4.7 s, an SFT step 2.3 s; bench/results/demo_full_run.md).
 #
 # What these settings reach, and why (SmolLM2-135M, LoRA r16; runs on 10-fact subsets, 1 thread; the
-# numbers are in the commit that added this note). SDFT learned none of the facts under any lever
+# numbers are in bench/results/demo_experiments.md, the scripts in bench/demo_experiments/). SDFT learned none of the facts under any lever
 # tried: lr 1e-3 and 3e-3, rollout temperature 1.0 and 0.5, 16 and 24 tokens, 4 rollouts per prompt
 # (num_generations), 2 or 6-8 training prompts per fact, 50 to 150 steps (3-4x this budget per fact).
 # Direct accuracy stayed 0%, the student's log-prob of the answers did not move, and retention fell
