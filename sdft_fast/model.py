@@ -232,13 +232,80 @@ class _Stream:
         for path, p, c in zip(paths, prompt_lens, completion_lens):
             gather.extend(path[p - 1 : p - 1 + c])
         self.gather_rows = torch.tensor(gather, dtype=torch.long, device=device)  # [N]
+        self.attention = _AttentionPlan(self.segments, device)
+
+
+@dataclass(frozen=True)
+class _AttentionGroup:
+    """Segments of one (query, key) length pair: one [G, H, Lq, hd] SDPA call."""
+
+    length: int  # Lq
+    key_length: int  # Lk
+    count: int  # G
+    first: int | None  # start row when the group is G back-to-back segments without a prefix (a view)
+    rows: torch.Tensor  # [G*Lq] query rows
+    key_rows: torch.Tensor | None  # [G*Lk] key rows (None with `first`)
+    mask: torch.Tensor | None  # [Lq, Lk] bottom-right causal; None when Lq == Lk (is_causal)
+
+
+class _AttentionPlan:
+    """Index tensors for :func:`prefix_tree_attention`, built once per stream and reused by every
+    layer: they depend on the stream's segments only."""
+
+    def __init__(self, segments: list[_Segment], device):
+        self.num_rows = sum(s.length for s in segments)
+        # flash-attn varlen: queries are the rows in order; keys gathered per segment when shared
+        lengths = [s.length for s in segments]
+        self.shared = any(len(s.key_rows) != s.length for s in segments)
+        self.cu_q = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        self.max_q = max(lengths)
+        key_lengths = [len(s.key_rows) for s in segments]
+        self.cu_k = torch.tensor([0, *itertools.accumulate(key_lengths)], dtype=torch.int32, device=device)
+        self.max_k = max(key_lengths)
+        self.key_index = (
+            torch.tensor([r for s in segments for r in s.key_rows], device=device) if self.shared else None
+        )
+        # SDPA: segments of equal (query, key) lengths form one batch: no padding, few calls
+        by_shape: dict[tuple[int, int], list[_Segment]] = {}
+        for segment in segments:
+            by_shape.setdefault((segment.length, len(segment.key_rows)), []).append(segment)
+        self.groups: list[_AttentionGroup] = []
+        for (length, key_length), group in by_shape.items():
+            g, first = len(group), group[0].start
+            back_to_back = key_length == length and all(
+                s.start == first + i * length for i, s in enumerate(group)
+            )
+            if back_to_back:
+                rows = torch.arange(first, first + g * length, device=device)
+                key_rows = None
+            else:
+                rows = (
+                    torch.tensor([s.start for s in group], device=device)[:, None]
+                    + torch.arange(length, device=device)
+                ).reshape(-1)
+                key_rows = torch.tensor([s.key_rows for s in group], device=device).reshape(-1)
+            mask = (
+                None
+                if key_length == length
+                else torch.ones(length, key_length, dtype=torch.bool, device=device).tril(key_length - length)
+            )
+            self.groups.append(
+                _AttentionGroup(length, key_length, g, first if back_to_back else None, rows, key_rows, mask)
+            )
+        # One group holds every segment in row order: its output rows are already in order.
+        self.inverse = None
+        if len(self.groups) > 1:
+            self.inverse = torch.empty(self.num_rows, dtype=torch.long, device=device)
+            self.inverse[torch.cat([group.rows for group in self.groups])] = torch.arange(
+                self.num_rows, device=device
+            )
 
 
 def prefix_tree_attention(
     q: torch.Tensor,  # [N, Hq, hd]
     k: torch.Tensor,  # [N, Hkv, hd]
     v: torch.Tensor,  # [N, Hkv, hd]
-    segments: list[_Segment],  # in row order, covering the N rows
+    plan: _AttentionPlan,  # of the stream's segments (in row order, covering the N rows)
     scaling: float,
 ) -> torch.Tensor:  # [N, Hq, hd]
     """Causal attention over a packed prefix tree (see :class:`_Stream`).
@@ -248,64 +315,33 @@ def prefix_tree_attention(
     shared prefixes this is block-diagonal causal attention over sequences packed back to back.
     """
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
-    shared = any(len(s.key_rows) != s.length for s in segments)
     flash = _flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if flash is not None:
-        lengths = [s.length for s in segments]
-        cu_q = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=q.device)
-        if shared:  # flash-attn >= 2.1 aligns the causal mask to the bottom right, as needed here
-            key_index = torch.tensor([r for s in segments for r in s.key_rows], device=q.device)
-            key_lengths = [len(s.key_rows) for s in segments]
-            cu_k = torch.tensor([0, *itertools.accumulate(key_lengths)], dtype=torch.int32, device=q.device)
-            return flash(
-                q,
-                k[key_index],
-                v[key_index],
-                cu_q,
-                cu_k,
-                max(lengths),
-                max(key_lengths),
-                softmax_scale=scaling,
-                causal=True,
-            )
-        return flash(q, k, v, cu_q, cu_q, max(lengths), max(lengths), softmax_scale=scaling, causal=True)
+        if plan.shared:  # flash-attn >= 2.1 aligns the causal mask to the bottom right, as needed here
+            k, v = k[plan.key_index], v[plan.key_index]
+        return flash(
+            q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, softmax_scale=scaling, causal=True
+        )
     # SDPA's enable_gqa keeps the fused CPU kernel and saves the un-repeated K/V for backward.
     gqa = {"enable_gqa": True} if n_kv_heads != n_heads else {}
-    # Segments of equal (query, key) lengths form one [G, H, Lq, hd] batch: no padding, few calls.
-    groups: dict[tuple[int, int], list[_Segment]] = {}
-    for segment in segments:
-        groups.setdefault((segment.length, len(segment.key_rows)), []).append(segment)
-    pieces, row_order = [], []
-    for (length, key_length), group in groups.items():
-        g, first = len(group), group[0].start
-        back_to_back = key_length == length and all(
-            s.start == first + i * length for i, s in enumerate(group)
-        )
-        if back_to_back:  # a view, no gather copy
-            rows = torch.arange(first, first + g * length, device=q.device)
-            qg, kg, vg = (t[first : first + g * length] for t in (q, k, v))
+    pieces = []
+    for group in plan.groups:
+        g, length, key_length = group.count, group.length, group.key_length
+        if group.first is not None:  # back-to-back segments without a prefix: a view, no gather copy
+            qg, kg, vg = (t[group.first : group.first + g * length] for t in (q, k, v))
         else:
-            rows = (
-                torch.tensor([s.start for s in group], device=q.device)[:, None]
-                + torch.arange(length, device=q.device)
-            ).reshape(-1)
-            key_rows = torch.tensor([s.key_rows for s in group], device=q.device).reshape(-1)
-            qg, kg, vg = q[rows], k[key_rows], v[key_rows]
+            qg, kg, vg = q[group.rows], k[group.key_rows], v[group.key_rows]
         qg = qg.view(g, length, n_heads, -1).transpose(1, 2)  # [G, H, Lq, hd]
         kg = kg.view(g, key_length, n_kv_heads, -1).transpose(1, 2)  # [G, Hkv, Lk, hd]
         vg = vg.view(g, key_length, n_kv_heads, -1).transpose(1, 2)
-        if key_length == length:
+        if group.mask is None:
             out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scaling, **gqa)
         else:  # bottom-right causal: query i sees every prefix key and its own keys up to i
-            mask = torch.ones(length, key_length, dtype=torch.bool, device=q.device).tril(key_length - length)
-            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scaling, **gqa)
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.mask, scale=scaling, **gqa)
         pieces.append(out.transpose(1, 2).reshape(g * length, n_heads, -1))  # [G*Lq, H, hd]
-        row_order.append(rows)
-    if len(pieces) == 1:
-        return pieces[0]  # one group holds every segment, in row order: rows already in order
-    inverse = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
-    inverse[torch.cat(row_order)] = torch.arange(q.shape[0], device=q.device)
-    return torch.cat(pieces)[inverse]
+    if plan.inverse is None:
+        return pieces[0]
+    return torch.cat(pieces)[plan.inverse]
 
 
 class _SiluGateMul(torch.autograd.Function):
@@ -735,7 +771,7 @@ class SelfDistillModel(nn.Module):
                 qs, _ = self._pair_norm(attn.q_norm, qs, None)
                 ks, _ = self._pair_norm(attn.k_norm, ks, None)
             qs, ks = _apply_rope(qs, cos_s, sin_s), _apply_rope(ks, cos_s, sin_s)
-            attn_s = prefix_tree_attention(qs, ks, vs, student.segments, attn.scaling).reshape(
+            attn_s = prefix_tree_attention(qs, ks, vs, student.attention, attn.scaling).reshape(
                 -1, heads * head_dim
             )
             attn_t = None
@@ -749,7 +785,7 @@ class SelfDistillModel(nn.Module):
                     if hasattr(attn, "q_norm"):
                         qt, kt = self._teacher_norm(attn.q_norm, qt), self._teacher_norm(attn.k_norm, kt)
                     qt, kt = _apply_rope(qt, cos_t, sin_t), _apply_rope(kt, cos_t, sin_t)
-                    attn_t = prefix_tree_attention(qt, kt, vt, teacher.segments, attn.scaling).reshape(
+                    attn_t = prefix_tree_attention(qt, kt, vt, teacher.attention, attn.scaling).reshape(
                         -1, heads * head_dim
                     )
             os_, ot = pair_linear(attn.o_proj, attn_s, attn_t)

@@ -450,9 +450,9 @@ def test_prefix_sharing_computes_shared_rows_once(monkeypatch):
     seen = []
     original = model_module.prefix_tree_attention
 
-    def spy(q, k, v, segments, scaling):
+    def spy(q, k, v, plan, scaling):
         seen.append(q.shape[0])
-        return original(q, k, v, segments, scaling)
+        return original(q, k, v, plan, scaling)
 
     monkeypatch.setattr(model_module, "prefix_tree_attention", spy)
     model.forward_student([prompt] * 4, completions)
