@@ -124,6 +124,11 @@ def check_generate_args(config, prompts, max_new_tokens, do_sample, temperature,
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
 
 
+def _norm_eps(norm: nn.Module) -> float:
+    # HF's Llama-family RMSNorm calls it variance_epsilon; other norms call it eps.
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same arithmetic as HF's LlamaRMSNorm: normalise in fp32, scale in the input dtype.
     input_dtype = x.dtype
@@ -712,14 +717,14 @@ class SelfDistillModel(nn.Module):
         )
 
     def _pair_norm(self, norm: nn.Module, student_x, teacher_x):
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        eps = _norm_eps(norm)
         return _rms_norm(student_x, norm.weight, eps), self._teacher_norm(norm, teacher_x)
 
     @torch.no_grad()
     def _teacher_norm(self, norm: nn.Module, teacher_x):
         if teacher_x is None:
             return None
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        eps = _norm_eps(norm)
         return _rms_norm(teacher_x, self._teacher_weight(norm.weight), eps)
 
     def _packed_forward(self, student: _Stream, teacher: _Stream | None):

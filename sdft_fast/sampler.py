@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdft_fast.lora import LoraLinear, current_route
-from sdft_fast.model import _apply_rope, _rms_norm, check_generate_args
+from sdft_fast.model import _apply_rope, _norm_eps, _rms_norm, check_generate_args
 
 if TYPE_CHECKING:
     from sdft_fast.model import SelfDistillModel
@@ -230,7 +230,7 @@ class _Linear:
 
 
 def _norm_params(norm: nn.Module) -> tuple[torch.Tensor, float]:
-    return norm.weight, getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    return norm.weight, _norm_eps(norm)
 
 
 @dataclass
