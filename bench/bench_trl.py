@@ -78,7 +78,8 @@ def run_ours(args) -> dict:
     import torch
 
     from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, DataLimits, Example, encode_examples
-    from sdft_fast.trainer import TrainConfig, build_model, train
+    from sdft_fast.config import TrainConfig
+    from sdft_fast.trainer import build_model, train
 
     torch.set_num_threads(args.threads)
     model_path = Path(args.model)
@@ -252,7 +253,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-csv", action="store_true", help="print only, append no CSV row")
     args = parser.parse_args(argv)
     if args.num_generations < 1 or args.batch_size % args.num_generations:
-        parser.error(f"--batch-size {args.batch_size} must be a multiple of --num-generations {args.num_generations}")
+        parser.error(
+            f"--batch-size {args.batch_size} must be a multiple of --num-generations {args.num_generations}"
+        )
 
     if importlib.util.find_spec("trl") is None:
         print("bench_trl: skipped: `trl` is not installed (pip install trl; not a dependency of sdft_fast)")
@@ -282,8 +285,10 @@ def main(argv=None) -> int:
     print(f"{'TRL':<12}{trl_s:>18.3f}{len(results['trl']['step_s']):>14}")
     print(f"{'sdft_fast':<12}{ours_s:>18.3f}{len(results['ours']['step_s']):>14}")
     ours_sample_s = statistics.median(results["ours"]["sample_s"])
-    print(f"speed-up: {ratio:.2f}x (goal >= 3x); sdft_fast's step: {ours_sample_s:.3f} s sampling, "
-          f"{ours_s - ours_sample_s:.3f} s scoring + backward + optimizer")
+    print(
+        f"speed-up: {ratio:.2f}x (goal >= 3x); sdft_fast's step: {ours_sample_s:.3f} s sampling, "
+        f"{ours_s - ours_sample_s:.3f} s scoring + backward + optimizer"
+    )
 
     if not args.no_csv:
         import torch
@@ -319,7 +324,9 @@ def main(argv=None) -> int:
             with open(RESULTS_CSV, newline="") as handle:
                 reader = csv.DictReader(handle)
                 previous = list(reader)
-                fields = list(reader.fieldnames or []) + [f for f in row if f not in (reader.fieldnames or [])]
+                fields = list(reader.fieldnames or []) + [
+                    f for f in row if f not in (reader.fieldnames or [])
+                ]
         with open(RESULTS_CSV, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields, restval="")
             writer.writeheader()

@@ -444,37 +444,3 @@ def encode_examples(
             )
         )
     return encoded
-
-
-# ----------------------------------------------------------------------------------------------------
-# A tokenizer that needs no download (tests, tiny random models)
-# ----------------------------------------------------------------------------------------------------
-
-BYTE_TOKENIZER_CHAT_TEMPLATE = (
-    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
-
-
-def byte_level_tokenizer(chat_template: bool = True):
-    """A 259-token byte-level `PreTrainedTokenizerFast` built in memory: <pad>=0, <s>=1, </s>=2, then bytes.
-
-    Every string round-trips, so tiny random models (vocab_size >= 259) can be trained and evaluated
-    end to end without hub access. With `chat_template`, a ChatML-like template using <s>/</s> is set.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>"]
-    vocab = {
-        token: index for index, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))
-    }
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    if chat_template:
-        tokenizer.chat_template = BYTE_TOKENIZER_CHAT_TEMPLATE
-    return tokenizer

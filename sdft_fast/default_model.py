@@ -193,3 +193,30 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return target
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """A local Hugging Face model folder as given, or the embedded default (converted on first use).
+
+    Raises FileNotFoundError naming the path (not a folder, no config.json), or
+    DefaultModelMissingError when no path is given and the default model is not installed.
+    """
+    if model:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model {str(model)!r} is not a folder (give a local Hugging Face model folder)"
+            )
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model {str(model)!r} has no config.json (not a Hugging Face model folder)"
+            )
+        return path
+    return default_model_path()
+
+
+def load_tokenizer(model_path: str | os.PathLike):
+    """The tokenizer saved in a local model folder (no hub access)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path))

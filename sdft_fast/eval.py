@@ -15,14 +15,24 @@
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, EncodedExample, Example, encode_prompt, teacher_prompt
+from sdft_fast.data import (
+    DEFAULT_TEACHER_TEMPLATE,
+    EncodedExample,
+    Example,
+    encode_prompt,
+    load_examples,
+    teacher_prompt,
+)
+from sdft_fast.sampling import pad_token_id, reference_generate, stop_token_ids
 
 # ----------------------------------------------------------------------------------------------------
 # Answer matching
@@ -62,7 +72,7 @@ def answer_matches(prediction: str, answers: str | Sequence[str]) -> bool:
 
 
 class HFGenerator:
-    """The `SelfDistillModel.generate` contract on a plain HF causal LM (left-padded batch generate).
+    """The `SelfDistillModel.generate` contract on a plain HF causal LM (the reference decode loop).
 
     Used to evaluate a model that is not wrapped (the starting checkpoint, a merged export).
     """
@@ -74,53 +84,8 @@ class HFGenerator:
     def device(self):
         return next(self.hf_model.parameters()).device
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        max_new_tokens: int,
-        do_sample: bool = True,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        seed: int | None = None,
-    ) -> list[list[int]]:
-        if not prompts:
-            return []
-        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-        pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, T]
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, T]
-        for index, prompt in enumerate(prompts):
-            input_ids[index, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[index, width - len(prompt) :] = 1
-        if seed is not None:
-            torch.manual_seed(seed)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad)
-        if eos_ids:
-            kwargs["eos_token_id"] = eos_ids
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        else:
-            # Clear sampling defaults from generation_config so greedy decoding raises no warnings.
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        output = self.hf_model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
-        )  # [B, width + new]
-        completions = []
-        for row in output[:, width:].tolist():
-            completion = []
-            for token in row:
-                completion.append(token)
-                if token in eos_ids:
-                    break
-            # Rows that stopped early are padded after their EOS; the loop above cut there.
-            completions.append(completion)
-        return completions
+    def generate(self, prompts: list[list[int]], **kwargs) -> list[list[int]]:
+        return reference_generate(self.hf_model, prompts, **kwargs)
 
 
 def _as_generator(model):
@@ -136,13 +101,28 @@ def _as_generator(model):
     return model
 
 
+def greedy_completions(
+    model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, batch_size: int = 8
+):
+    """Greedy completions of ``prompt_ids``, ``batch_size`` at a time, stopping on the training
+    rollouts' stop tokens (``sampling.stop_token_ids``)."""
+    generator = _as_generator(model)
+    stop_ids = stop_token_ids(tokenizer, getattr(generator, "hf_model", None))
+    completions: list[list[int]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        completions += generator.generate(
+            prompt_ids[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids or None,
+            pad_token_id=pad_token_id(tokenizer, stop_ids),
+        )
+    return completions
+
+
 # ----------------------------------------------------------------------------------------------------
 # Accuracy
 # ----------------------------------------------------------------------------------------------------
-
-
-def _eos_ids(tokenizer) -> int | list[int] | None:
-    return getattr(tokenizer, "eos_token_id", None)
 
 
 def evaluate_accuracy(
@@ -169,7 +149,7 @@ def evaluate_accuracy(
         raise ValueError(
             f"evaluate_accuracy: batch_size and max_new_tokens must be positive, got {batch_size}, {max_new_tokens}"
         )
-    generator = _as_generator(model)
+    _as_generator(model)  # fail early for an object without generate
     prompts_ids = []
     for index, example in enumerate(examples):
         if not example.answers:
@@ -185,27 +165,22 @@ def evaluate_accuracy(
             ids = encode_prompt(tokenizer, prompt, use_chat_template)
         prompts_ids.append(ids)
 
-    eos = _eos_ids(tokenizer)
-    pad = getattr(tokenizer, "pad_token_id", None)
+    completions = greedy_completions(
+        model, tokenizer, prompts_ids, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     records = []
-    for start in range(0, len(prompts_ids), batch_size):
-        batch = prompts_ids[start : start + batch_size]
-        completions = generator.generate(
-            batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
+    for example, completion in zip(examples, completions):
+        prediction = tokenizer.decode(completion, skip_special_tokens=True)
+        records.append(
+            {
+                "row": example.row,
+                "source": example.source,
+                "answers": list(example.answers),
+                "prediction": prediction,
+                "correct": answer_matches(prediction, example.answers),
+                "meta": dict(example.meta),
+            }
         )
-        for offset, completion in enumerate(completions):
-            example = examples[start + offset]
-            prediction = tokenizer.decode(completion, skip_special_tokens=True)
-            records.append(
-                {
-                    "row": example.row,
-                    "source": example.source,
-                    "answers": list(example.answers),
-                    "prediction": prediction,
-                    "correct": answer_matches(prediction, example.answers),
-                    "meta": dict(example.meta),
-                }
-            )
     correct = sum(record["correct"] for record in records)
     return {
         "accuracy": correct / len(records) if records else 0.0,
@@ -219,70 +194,28 @@ def evaluate_accuracy(
 # Retention probes
 # ----------------------------------------------------------------------------------------------------
 
-# (question, acceptable answers). Kept to questions SmolLM2-135M-Instruct answers correctly with greedy
-# decoding before any training (checked with `python -m sdft_fast.eval`), so that a drop means
-# forgetting rather than noise around a guess.
-# A few it gets wrong are kept on purpose (marked), so the set can show gains as well as losses.
-_RETENTION_PROBES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # capitals
-    ("What is the capital of France?", ("Paris",)),
-    ("What is the capital of Japan?", ("Tokyo",)),
-    ("What is the capital of Germany?", ("Berlin",)),
-    ("What is the capital of the United Kingdom?", ("London",)),
-    ("What is the capital of Egypt?", ("Cairo",)),
-    ("What is the capital of Canada?", ("Ottawa",)),
-    ("What is the capital of India?", ("New Delhi", "Delhi")),
-    ("What is the capital of Norway?", ("Oslo",)),
-    ("What is the capital of Austria?", ("Vienna",)),
-    ("What is the capital of Kenya?", ("Nairobi",)),
-    ("What is the capital of South Korea?", ("Seoul",)),
-    ("What is the capital of Italy?", ("Rome",)),  # wrong before training
-    # arithmetic
-    ("What is 2 + 2?", ("4", "four")),
-    ("What is 6 times 7?", ("42", "forty two")),
-    ("What is 1 + 1?", ("2", "two")),
-    ("What is 5 times 5?", ("25", "twenty five")),
-    ("What is 3 + 5?", ("8", "eight")),  # wrong before training
-    # common facts
-    ("How many days are in a week?", ("7", "seven")),
-    ("How many legs does a dog have?", ("4", "four")),
-    ("How many sides does a triangle have?", ("3", "three")),
-    ("What color is the sky on a clear day?", ("blue",)),
-    ("Which planet is known as the Red Planet?", ("Mars",)),
-    ("What is the chemical symbol for water?", ("H2O",)),
-    ("What is the boiling point of water in degrees Celsius?", ("100",)),
-    ("Who wrote Romeo and Juliet?", ("Shakespeare",)),
-    ("Who painted the Mona Lisa?", ("Leonardo", "da Vinci")),
-    ("What is the largest ocean on Earth?", ("Pacific",)),
-    ("What is the tallest mountain in the world?", ("Everest",)),
-    ("What is the longest river in Africa?", ("Nile",)),
-    ("What language is spoken in Brazil?", ("Portuguese",)),
-    ("What drink do cows produce?", ("milk",)),
-    ("How many legs does a spider have?", ("8", "eight")),  # wrong before training
-    # language and simple instructions
-    ("What is the opposite of hot?", ("cold",)),
-    ("What is the opposite of day?", ("night",)),
-    ("What is the plural of mouse?", ("mice",)),
-    ("What is the plural of child?", ("children",)),
-    ("Say the word hello.", ("hello",)),
-    ("Repeat this word: banana", ("banana",)),
-    ("Translate 'hello' into Spanish.", ("hola",)),
-    ("Reply with only the word yes.", ("yes",)),  # wrong before training
-)
+RETENTION_PROBES_PATH = Path(__file__).resolve().parent / "assets" / "retention_probes.jsonl"
 
 
-def retention_probes() -> list[Example]:
-    """The built-in general-knowledge probe set as `Example`s (demonstration = the canonical answer)."""
+def retention_probes(path: str | os.PathLike | None = None) -> list[Example]:
+    """General-knowledge probes (built in: ``assets/retention_probes.jsonl``) as `Example`s.
+
+    The built-in rows are questions SmolLM2-135M-Instruct answers correctly with greedy decoding
+    before any training, so a drop means forgetting rather than noise around a guess; a few it
+    gets wrong are kept on purpose (``"start_model_correct": false``), so the set can show gains
+    as well as losses. The demonstration of each row is its canonical answer.
+    """
+    rows = load_examples(path or RETENTION_PROBES_PATH, require_demonstration=False)
     return [
         Example(
-            prompt=question,
-            demonstration=answers[0],
-            answers=list(answers),
-            row=index,
-            source="<retention_probes>",
-            meta={"kind": "retention"},
+            prompt=row.prompt,
+            demonstration=row.answers[0],
+            answers=row.answers,
+            row=row.row,
+            source=row.source,
+            meta={"kind": "retention", **row.meta},
         )
-        for index, (question, answers) in enumerate(_RETENTION_PROBES, start=1)
+        for row in rows
     ]
 
 
@@ -370,16 +303,9 @@ def reference_logprobs(
     """
     prompts = list(prompts) if prompts is not None else list(GENERAL_PROMPTS)
     prompt_ids = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
-    generator = _as_generator(model)
-    completions = []
-    for start in range(0, len(prompt_ids), batch_size):
-        completions += generator.generate(
-            prompt_ids[start : start + batch_size],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=_eos_ids(tokenizer),
-            pad_token_id=getattr(tokenizer, "pad_token_id", None),
-        )
+    completions = greedy_completions(
+        model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     keep = [i for i, c in enumerate(completions) if c]
     prompt_ids = [prompt_ids[i] for i in keep]
     completions = [completions[i] for i in keep]
@@ -411,13 +337,7 @@ def kl_from_reference(
             raise ValueError("kl_from_reference: a callable reference needs the tokenizer to build sequences")
         prompts = list(prompts) if prompts is not None else list(GENERAL_PROMPTS)
         prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-        completions = _as_generator(model).generate(
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=_eos_ids(tokenizer),
-            pad_token_id=getattr(tokenizer, "pad_token_id", None),
-        )
+        completions = greedy_completions(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens)
         keep = [i for i, c in enumerate(completions) if c]
         prompt_ids = [prompt_ids[i] for i in keep]
         completions = [completions[i] for i in keep]

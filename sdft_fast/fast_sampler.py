@@ -1,17 +1,15 @@
-"""Fast batched sampling from the student for Llama-family models (CPU first).
+"""Fast batched sampling from the student for Llama-family models (the rollout sampler).
 
-``SelfDistillModel.generate`` runs the Hugging Face forward once per new token:
-un-merged LoRA layers (three GEMMs per linear: base, A, B), a growing
-``DynamicCache`` and a ``torch.cat`` of the attention mask every step. On a
-2-core CPU that is ~2.6x the FLOP bound for SmolLM2-135M at batch 8. This module
-is a drop-in sampler with the SAME contract and the same random stream:
+The reference decode loop (:func:`sdft_fast.sampling.reference_generate`) runs the Hugging Face
+forward once per new token: un-merged LoRA layers (three GEMMs per linear: base, A, B), a growing
+cache and a concatenated attention mask every step. This module is a drop-in sampler with the
+SAME contract and the same random stream:
 
 * Merged weights, built once per call under ``no_grad`` and dropped at the end
   (never stale after an optimizer step): ``W_eff = W + s * B @ A`` for every
-  LoRA linear (the student's ``delta_weight``), q/k/v fused into one
-  ``[(H + 2 Hkv) hd, D]`` weight and gate/up into one ``[2 I, D]`` weight, so a
-  decoder layer is four GEMMs. Full fine-tuning (``lora_config=None``) just
-  fuses the current weights.
+  LoRA linear (the student's delta), q/k/v fused into one ``[(H + 2 Hkv) hd, D]``
+  weight and gate/up into one ``[2 I, D]`` weight, so a decoder layer is four
+  GEMMs. Full fine-tuning (``lora_config=None``) just fuses the current weights.
 * Our own decode loop over preallocated K/V caches ``[B, Hkv, S, hd]`` (S =
   longest prompt + max_new_tokens). Row b's prompt sits at ``[0, len_b)`` and
   its token of step t at ``len_b + t`` (an index_put, no growth); a boolean key
@@ -22,44 +20,41 @@ is a drop-in sampler with the SAME contract and the same random stream:
   and copy it. The distinct suffixes run packed (no padding in the GEMMs; only
   the attention pads them), and only each row's last prompt position reaches
   the final norm and the LM head.
-* Rows that finished (EOS) leave the batch: their cache rows are dropped.
+* Rows that finished (stop token) leave the batch: their cache rows are dropped.
 * On CPU in fp32 every merged weight is pre-packed by oneDNN for the batch size
-  (``_Linear``): at 8 rows a decode step is a weight-streaming GEMV-like GEMM,
-  where MKL's sgemm reaches 4-5 GB/s on the 2-core dev box and oneDNN's packed
-  kernel 1.5-3.8x that. Elsewhere (CUDA, bf16/fp16, no oneDNN): ``F.linear``.
+  (``_Linear``): a decode step multiplies a handful of rows by every weight, a
+  weight-streaming GEMM that oneDNN's packed kernel runs faster than the default
+  sgemm (docs/performance.md has the figures). Elsewhere (CUDA, bf16/fp16, no
+  oneDNN): ``F.linear``.
 
 Semantics are those of ``generate``: the student adapter is always on,
 positions are ``0..len-1`` per row, logits are cast to fp32 before
-``SelfDistillModel._pick_next``, which is called once per step on the whole
-``[B, V]`` batch (finished rows included) with a ``torch.Generator`` seeded the
-same way. ``_pick_next`` samples with ``torch.multinomial(probs, 1)``, which
-draws one exponential per vocabulary entry of every row whatever the values, so
-a finished row may carry any valid logits (we keep its last ones): the random
-stream and the other rows' draws are unchanged. Numbers differ from the HF path
-only by fp32 rounding (merged vs un-merged LoRA, GEMM shapes).
+``sampling.pick_next``, which is called once per step on the whole ``[B, V]``
+batch (finished rows included) with a ``torch.Generator`` seeded the same way;
+a finished row keeps its last (valid) logits, so the random stream and the other
+rows' draws are unchanged. Numbers differ from the reference loop only by fp32
+rounding (merged vs un-merged LoRA, GEMM shapes).
 
-Supported: the fast-path family of :mod:`sdft_fast.model` (llama, mistral,
+Supported: the fast-path family of :mod:`sdft_fast.llama_ops` (llama, mistral,
 qwen2, qwen3) with a RoPE whose frequencies do not depend on the sequence
-length, no sliding window shorter than the sequence, and no per-token LoRA
-route active. :func:`supports_fast_generate` says why not otherwise; the HF
-path stays the fallback.
+length and no sliding window shorter than the sequence.
+:func:`supports_fast_generate` says why not otherwise; the reference loop stays
+the fallback. This module reads the model (``hf_model``, ``fast_path``, ``config``,
+``device``) but imports nothing from :mod:`sdft_fast.model`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdft_fast.lora import LoraLinear, current_route
-from sdft_fast.model import _apply_rope, _norm_eps, _rms_norm, check_generate_args
-
-if TYPE_CHECKING:
-    from sdft_fast.model import SelfDistillModel
+from sdft_fast import sampling
+from sdft_fast.llama_ops import apply_rope, norm_eps, rms_norm, sliding_window_in_use
+from sdft_fast.lora import LoraLinear
 
 # RoPE types whose cos/sin at a position do not depend on how long the sequence is:
 # one table for all positions of the call reproduces HF exactly. "dynamic" and
@@ -68,19 +63,7 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 # ------------------------------------------------------------------------------ support check
-def _sliding_window_in_use(config) -> int | None:
-    """The sliding window the HF forward would apply (same rule as SelfDistillModel._use_fast_path)."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    uses_window = (
-        window is not None
-        and (layer_types is None or "sliding_attention" in layer_types)
-        and getattr(config, "use_sliding_window", True)
-    )
-    return window if uses_window else None
-
-
-def supports_fast_generate(model: SelfDistillModel, max_len: int | None = None) -> tuple[bool, str]:
+def supports_fast_generate(model, max_len: int | None = None) -> tuple[bool, str]:
     """(True, "") when :func:`fast_generate` reproduces ``model.generate``; else (False, why).
 
     ``max_len`` = longest prompt + max_new_tokens. It only matters for models with a
@@ -91,12 +74,6 @@ def supports_fast_generate(model: SelfDistillModel, max_len: int | None = None) 
     if not getattr(model, "fast_path", False):
         reason = getattr(model, "_fallback_reason", "") or "model.fast_path is False"
         return False, f"not a Llama-family fast-path model ({reason})"
-    route = current_route()
-    if isinstance(route, torch.Tensor):
-        return (
-            False,
-            "a per-token LoRA route tensor is active (lora_route(tensor)); generation samples the student",
-        )
     backbone = model.hf_model.model
     rotary = backbone.rotary_emb
     rope_type = getattr(rotary, "rope_type", None)
@@ -117,7 +94,7 @@ def supports_fast_generate(model: SelfDistillModel, max_len: int | None = None) 
         for module in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             if not isinstance(module, (nn.Linear, LoraLinear)):
                 return False, f"MLP projection is a {type(module).__name__}, not nn.Linear / LoraLinear"
-    window = _sliding_window_in_use(model.config)
+    window = sliding_window_in_use(model.config)
     if window is not None:
         if max_len is None:
             return (
@@ -200,14 +177,12 @@ def _onednn_available(weight: torch.Tensor) -> bool:
 class _Linear:
     """y = x W^T + b, with W pre-packed by oneDNN for the decode batch size when possible.
 
-    Why: a decode step multiplies ~8 rows by every weight of the model, and MKL's sgemm
-    reaches a small fraction of the memory bandwidth at M=8 on CPU (4-5 GB/s on the
-    2-core dev box); oneDNN with the weight reordered once for that batch size streams it
-    1.5-3.8x faster (fp32 throughout, same math: only the summation order differs), and
-    is no slower on the ~200-row prefill. Packing copies the weight once per generate
-    call, like the merge itself; the unpacked copy is then dropped (``weight`` = None)
-    so the call holds one extra copy of the model, not two. Anywhere else (CUDA,
-    bf16/fp16, no oneDNN) it is ``F.linear`` on ``weight``.
+    A decode step multiplies a few rows by every weight of the model, where a weight
+    reordered once for that batch size streams faster than the default sgemm (fp32
+    throughout, same math: only the summation order differs). Packing copies the weight
+    once per generate call, like the merge itself; the unpacked copy is then dropped
+    (``weight`` = None) so the call holds one extra copy of the model, not two. Anywhere
+    else (CUDA, bf16/fp16, no oneDNN) it is ``F.linear`` on ``weight``.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, pack: bool):
@@ -230,7 +205,7 @@ class _Linear:
 
 
 def _norm_params(norm: nn.Module) -> tuple[torch.Tensor, float]:
-    return norm.weight, _norm_eps(norm)
+    return norm.weight, norm_eps(norm)
 
 
 @dataclass
@@ -249,7 +224,7 @@ class _LayerWeights:
     scaling: float
 
 
-def _merge_layers(model: SelfDistillModel, batch_hint: int, pack: bool) -> list[_LayerWeights]:
+def _merge_layers(model, batch_hint: int, pack: bool) -> list[_LayerWeights]:
     backbone = model.hf_model.model
     layers = []
     for layer in backbone.layers[: model.config.num_hidden_layers]:
@@ -283,7 +258,7 @@ class _Decoder:
     row, D hidden, H / Hkv heads, hd head dim, V vocabulary.
     """
 
-    def __init__(self, model: SelfDistillModel, rows: int, slots: int, pack: bool = True):
+    def __init__(self, model, rows: int, slots: int, pack: bool = True):
         config = model.config
         backbone = model.hf_model.model
         self.layers = _merge_layers(model, batch_hint=rows, pack=pack)
@@ -311,7 +286,7 @@ class _Decoder:
     def _qkv(self, lw: _LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         # h [N, D], cos/sin [N, hd] -> q [N, H, hd], k [N, Hkv, hd], v [N, Hkv, hd] (roped)
         n = h.shape[0]
-        x = _rms_norm(h, *lw.input_norm)
+        x = rms_norm(h, *lw.input_norm)
         qkv = lw.qkv(x)  # [N, (H + 2 Hkv) hd]
         q, k, v = qkv.split(
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
@@ -320,19 +295,19 @@ class _Decoder:
         k = k.view(n, self.kv_heads, self.head_dim)
         v = v.view(n, self.kv_heads, self.head_dim)
         if lw.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
-            q, k = _rms_norm(q, *lw.q_norm), _rms_norm(k, *lw.k_norm)
-        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+            q, k = rms_norm(q, *lw.q_norm), rms_norm(k, *lw.k_norm)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _attn_out_and_mlp(self, lw: _LayerWeights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         # h [N, D] residual stream, attn [N, H hd] -> [N, D] after o_proj and the SwiGLU MLP
         h = h + lw.o(attn)
-        x = _rms_norm(h, *lw.post_norm)
+        x = rms_norm(h, *lw.post_norm)
         gate, up = lw.gate_up(x).chunk(2, dim=-1)  # [N, I] each
         return h + lw.down(lw.act_fn(gate) * up)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         # h [N, D] -> fp32 logits [N, V]
-        return self.lm_head(_rms_norm(h, *self.final_norm)).float()
+        return self.lm_head(rms_norm(h, *self.final_norm)).float()
 
     # -- prefill -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -466,41 +441,37 @@ def _common_prefix_len(prompts: list[list[int]]) -> int:
 
 
 @torch.no_grad()
-def _generate(
-    model: SelfDistillModel,
+def fast_generate(
+    model,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    eos_token_id: int | list[int] | None,
-    pad_token_id: int | None,
-    seed: int | None,
-    keep_logits: bool,
-) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """fast_generate, plus (when ``keep_logits``) the fp32 logits [B, V] each step sampled from."""
-    check_generate_args(model.config, prompts, max_new_tokens, do_sample, temperature, top_p, top_k)
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """``SelfDistillModel.generate`` on merged student weights and our own KV-cache loop.
+
+    Same contract (see :mod:`sdft_fast.sampling`): one completion per prompt, including the stop
+    token when one was produced and nothing after it; the same seeded random stream. Raises
+    NotImplementedError for models :func:`supports_fast_generate` rejects.
+    """
+    sampling.check_generate_args(model.config, prompts, max_new_tokens, do_sample, temperature, top_p, top_k)
     if not prompts or max_new_tokens == 0:
-        return [[] for _ in prompts], []
+        return [[] for _ in prompts]
     lens = [len(p) for p in prompts]
     ok, reason = supports_fast_generate(model, max(lens) + max_new_tokens)
     if not ok:
         raise NotImplementedError(f"fast_generate does not support this model: {reason}")
-    eos_ids = (
-        []
-        if eos_token_id is None
-        else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    )
-    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    stop_ids = sampling.as_id_list(eos_token_id)
+    pad = sampling.fill_id(pad_token_id, stop_ids)
     device = model.device
     batch = len(prompts)
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
+    generator = sampling.make_generator(device, seed)
 
     # Identical prompts prefill once: unique prompt u lives in cache row reps[u].
     unique_index: dict[tuple[int, ...], int] = {}
@@ -529,20 +500,17 @@ def _generate(
         decoder.copy_rows([reps[group[b]] for b in duplicates], duplicates, max(lens))
     logits = unique_logits[torch.tensor(group, device=device)]  # [B, V] fp32
 
-    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
     lens_t = torch.tensor(lens, dtype=torch.long, device=device)  # [B]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
     alive = torch.arange(batch, device=device)  # [R] batch row of each cache row
     new_tokens: list[torch.Tensor] = []
-    seen_logits: list[torch.Tensor] = []
     while True:
-        if keep_logits:
-            seen_logits.append(logits.clone())
-        next_tok = model._pick_next(logits, do_sample, temperature, top_p, top_k, generator)  # [B]
+        next_tok = sampling.pick_next(logits, do_sample, temperature, top_p, top_k, generator)  # [B]
         next_tok = torch.where(finished, torch.full_like(next_tok, pad), next_tok)
         new_tokens.append(torch.where(finished, torch.full_like(next_tok, -1), next_tok))
-        if eos_tensor.numel():
-            finished = finished | torch.isin(next_tok, eos_tensor)
+        if stop_tensor.numel():
+            finished = finished | torch.isin(next_tok, stop_tensor)
         if bool(finished.all()) or len(new_tokens) == max_new_tokens:
             break
         still = ~finished[alive]  # [R]
@@ -553,42 +521,6 @@ def _generate(
         positions = lens_t[alive] + (len(new_tokens) - 1)  # [R] slot of the token just sampled
         keys = int(positions.max()) + 1
         row_logits = decoder.decode(next_tok[alive], positions, keys)  # [R, V]
-        # Finished rows keep their last (valid) logits: _pick_next's draw for them is discarded.
+        # Finished rows keep their last (valid) logits: pick_next's draw for them is discarded.
         logits = logits.index_copy(0, alive, row_logits)
-    tokens = torch.stack(new_tokens, 1).tolist()  # [B, steps]; -1 after a sequence finished
-    return [[t for t in row if t >= 0] for row in tokens], seen_logits
-
-
-def fast_generate(
-    model: SelfDistillModel,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int | None = None,
-) -> list[list[int]]:
-    """``SelfDistillModel.generate`` on merged student weights and our own KV-cache loop.
-
-    Same contract: one completion per prompt, including the EOS token when one was
-    produced and nothing after it; the same seeded random stream. Raises
-    NotImplementedError for models :func:`supports_fast_generate` rejects.
-    """
-    completions, _ = _generate(
-        model,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        seed=seed,
-        keep_logits=False,
-    )
-    return completions
+    return sampling.trim_finished(new_tokens)

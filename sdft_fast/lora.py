@@ -1,4 +1,4 @@
-"""LoRA with two adapter slots and per-token routing.
+"""LoRA with two adapter slots and routing by row block.
 
 SDFT scores the same rollout under two contexts: the student (prompt only,
 trainable adapter) and the teacher (prompt + demonstration, teacher adapter).
@@ -8,16 +8,17 @@ two adapter slots:
     slot "student"  lora_A [r, in], lora_B [out, r]      trainable parameters
     slot "teacher"  ema_A  [r, in], ema_B  [out, r]      buffers, EMA of the student
 
-and every token is routed to one of them (or to none, the base model):
+and every row block is routed to one of them (or to none, the base model):
 
     ROUTE_NONE     y = W x + b
     ROUTE_STUDENT  y = W x + b + s * B A dropout(x)        s = alpha / r
     ROUTE_TEACHER  y = W x + b + s * B_ema A_ema x          (no grad, no dropout)
 
-The route is read from a context variable set with :func:`lora_route` (one
-code for the whole call, or a per-token tensor for a packed stream), so the
-Hugging Face forward code runs unchanged: we only replace ``nn.Linear``
-submodules, we never patch transformers' classes.
+A Hugging Face forward reads the route from a context variable set with
+:func:`lora_route`, so the Hugging Face code runs unchanged: we only replace
+``nn.Linear`` submodules, we never patch transformers' classes. Our packed
+forward routes its student and teacher row blocks itself
+(:meth:`LoraLinear.forward_pair`, :func:`fused_pair_linear`).
 
 EMA of LoRA factors (the choice, and why)
 -----------------------------------------
@@ -47,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -60,8 +60,7 @@ ROUTE_STUDENT = 1
 ROUTE_TEACHER = 2
 _ROUTE_NAMES = {"none": ROUTE_NONE, "student": ROUTE_STUDENT, "teacher": ROUTE_TEACHER}
 
-# The route every LoraLinear reads in forward(): an int code for the whole call,
-# or a long/uint8 tensor of codes broadcastable to the input's leading dims.
+# The route every LoraLinear reads in forward(): one code for the whole call.
 _ACTIVE_ROUTE: contextvars.ContextVar = contextvars.ContextVar("sdft_lora_route", default=ROUTE_STUDENT)
 
 
@@ -110,22 +109,17 @@ def route_code(route: int | str) -> int:
 
 
 @contextlib.contextmanager
-def lora_route(route: int | str | torch.Tensor) -> Iterator[None]:
-    """Route every LoRA layer's tokens for the duration of the block.
-
-    ``route`` is "none" / "student" / "teacher" (or its code) for the whole
-    call, or a tensor of codes with the input's leading shape ([B, T] or [N])
-    for a packed stream mixing student and teacher tokens.
-    """
-    value = route if isinstance(route, torch.Tensor) else route_code(route)
-    token = _ACTIVE_ROUTE.set(value)
+def lora_route(route: int | str) -> Iterator[None]:
+    """Route every LoRA layer's tokens for the duration of the block: "none" / "student" /
+    "teacher" (or its code)."""
+    token = _ACTIVE_ROUTE.set(route_code(route))
     try:
         yield
     finally:
         _ACTIVE_ROUTE.reset(token)
 
 
-def current_route() -> int | torch.Tensor:
+def current_route() -> int:
     """The route LoRA layers apply right now (ROUTE_STUDENT outside any lora_route block)."""
     return _ACTIVE_ROUTE.get()
 
@@ -240,8 +234,8 @@ class LoraLinear(nn.Module):
     def base_weight(self) -> torch.Tensor:  # [out, in]
         return self.base.weight.t() if self.fan_in_fan_out else self.base.weight
 
-    def delta_weight(self, slot: str = "student") -> torch.Tensor:  # [out, in]
-        a, b = (self.lora_A, self.lora_B) if slot == "student" else (self.ema_A, self.ema_B)
+    def delta_weight(self, route: int = ROUTE_STUDENT) -> torch.Tensor:  # [out, in]
+        a, b = (self.lora_A, self.lora_B) if route == ROUTE_STUDENT else (self.ema_A, self.ema_B)
         return (b @ a) * self.scaling
 
     def student_delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,40 +251,20 @@ class LoraLinear(nn.Module):
             return F.linear(F.linear(x, self.ema_A), self.ema_B) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = _ACTIVE_ROUTE.get()
+        delta = self.routed_delta(x, _ACTIVE_ROUTE.get())
         y = self.base(x)
-        if not isinstance(route, torch.Tensor):
-            if route == ROUTE_STUDENT:
-                return y + self.student_delta(x)
-            if route == ROUTE_TEACHER:
-                return y + self.teacher_delta(x)
-            return y
-        # Per-token routing: route [...] matches x's leading dims.
-        if route.shape != x.shape[:-1]:
-            raise ValueError(
-                f"LoRA route shape {tuple(route.shape)} != input leading shape {tuple(x.shape[:-1])}"
-            )
-        flat_x = x.reshape(-1, x.shape[-1])  # [M, in]
-        flat_route = route.reshape(-1).to(x.device)
-        flat_y = y.reshape(-1, y.shape[-1])  # [M, out]
-        student_rows = (flat_route == ROUTE_STUDENT).nonzero().squeeze(1)
-        teacher_rows = (flat_route == ROUTE_TEACHER).nonzero().squeeze(1)
-        if student_rows.numel():
-            flat_y = flat_y.index_add(0, student_rows, self.student_delta(flat_x[student_rows]))
-        if teacher_rows.numel():
-            flat_y = flat_y.index_add(0, teacher_rows, self.teacher_delta(flat_x[teacher_rows]))
-        return flat_y.reshape(y.shape)
+        return y if delta is None else y + delta
 
-    def routed_delta(self, x: torch.Tensor, slot: int) -> torch.Tensor | None:
-        """The LoRA delta of one slot for all rows of x (None for ROUTE_NONE).
+    def routed_delta(self, x: torch.Tensor, route: int) -> torch.Tensor | None:
+        """The LoRA delta of one route's slot for all rows of x (None for ROUTE_NONE).
 
         ROUTE_STUDENT keeps the graph only when grad mode is on; callers run
         teacher rows under no_grad, which is how a 'live' teacher shares the
         student adapter without saving anything.
         """
-        if slot == ROUTE_STUDENT:
+        if route == ROUTE_STUDENT:
             return self.student_delta(x)
-        if slot == ROUTE_TEACHER:
+        if route == ROUTE_TEACHER:
             return self.teacher_delta(x)
         return None
 
@@ -298,29 +272,91 @@ class LoraLinear(nn.Module):
         self,
         student_x: torch.Tensor,  # [Ns, in]
         teacher_x: torch.Tensor,  # [Nt, in]
-        teacher_slot: int,
-        student_slot: int = ROUTE_STUDENT,
+        teacher_route: int,
+        student_route: int = ROUTE_STUDENT,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student rows and teacher rows in one base GEMM; the delta of each row block's slot.
+        """Student rows and teacher rows in one base GEMM; the delta of each row block's route.
 
-        ``teacher_slot`` is ROUTE_TEACHER (EMA adapter), ROUTE_NONE (base) or
-        ROUTE_STUDENT (live student adapter, no grad). ``student_slot`` is
+        ``teacher_route`` is ROUTE_TEACHER (EMA adapter), ROUTE_NONE (base) or
+        ROUTE_STUDENT (live student adapter, no grad). ``student_route`` is
         ROUTE_STUDENT except under ``adapters_disabled`` (ROUTE_NONE).
         """
-        student_delta = self.routed_delta(student_x, student_slot)
+        student_delta = self.routed_delta(student_x, student_route)
         student_y, teacher_y = packed_linear(
             student_x, teacher_x, self.base_weight, self.base.bias, own_student_storage=student_delta is None
         )
         if student_delta is not None:
             student_y = student_y + student_delta
         with torch.no_grad():
-            teacher_delta = self.routed_delta(teacher_x, teacher_slot)
+            teacher_delta = self.routed_delta(teacher_x, teacher_route)
             if teacher_delta is not None:
                 teacher_y = teacher_y + teacher_delta
         return student_y, teacher_y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, teacher_slot={self.has_teacher_slot}"
+
+
+def fused_pair_linear(
+    modules: list[LoraLinear],
+    student_x: torch.Tensor,  # [Ns, in]
+    teacher_x: torch.Tensor | None,  # [Nt, in]
+    student_route: int,
+    teacher_route: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Several LoRA layers that read the same input (q/k/v; gate/up) as ONE wider layer.
+
+    One base GEMM over the concatenated frozen weights instead of one per layer, one LoRA-A
+    GEMM per row block; the backward's input gradient is one GEMM too. The caller checks
+    :func:`can_fuse` first. Returns ([Ns, out_i] per layer, [Nt, out_i] per layer or Nones).
+    """
+    outs = [m.out_features for m in modules]
+    weight = torch.cat([m.base.weight for m in modules])  # [sum out, in], frozen
+    bias = None
+    if any(m.base.bias is not None for m in modules):
+        bias = torch.cat(
+            [m.base.bias if m.base.bias is not None else weight.new_zeros(m.out_features) for m in modules]
+        )
+
+    def delta(x, route):  # [N, in] -> [N, sum out] | None
+        if route == ROUTE_NONE:
+            return None
+        factors = [(m.lora_A, m.lora_B) if route == ROUTE_STUDENT else (m.ema_A, m.ema_B) for m in modules]
+        if any(a is None for a, _ in factors):
+            raise RuntimeError("teacher route used but a LoRA layer has no EMA teacher slot")
+        low = F.linear(x, torch.cat([a for a, _ in factors]))  # [N, sum r]
+        parts = low.split([a.shape[0] for a, _ in factors], dim=1)
+        return torch.cat(
+            [F.linear(part, b) * m.scaling for part, (_, b), m in zip(parts, factors, modules)], dim=1
+        )
+
+    student_delta = delta(student_x, student_route)
+    if teacher_x is None:
+        student_y = F.linear(student_x, weight, bias)
+        teacher_y = None
+    else:
+        student_y, teacher_y = packed_linear(
+            student_x, teacher_x, weight, bias, own_student_storage=student_delta is None
+        )
+        with torch.no_grad():
+            teacher_delta = delta(teacher_x, teacher_route)
+            if teacher_delta is not None:
+                teacher_y = teacher_y + teacher_delta
+    if student_delta is not None:
+        student_y = student_y + student_delta
+    return (
+        list(student_y.split(outs, dim=1)),
+        [None] * len(modules) if teacher_y is None else list(teacher_y.split(outs, dim=1)),
+    )
+
+
+def can_fuse(modules: list[nn.Module]) -> bool:
+    """True when :func:`fused_pair_linear` applies: LoRA layers over frozen, shared nn.Linear
+    weights ([out, in]) without active dropout."""
+    return all(
+        isinstance(m, LoraLinear) and not m.fan_in_fan_out and not (m.dropout_p > 0 and m.training)
+        for m in modules
+    )
 
 
 # -- injection ------------------------------------------------------------------------
@@ -343,14 +379,14 @@ def decoder_block_prefixes(model: nn.Module) -> list[str]:
     return best
 
 
-def _is_linear_like(module: nn.Module) -> bool:
+def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
 def select_target_modules(model: nn.Module, target_modules: list[str] | None) -> list[str]:
     """Full module paths LoRA will wrap (sorted in model order)."""
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    named = [(n, m) for n, m in model.named_modules() if _is_linear_like(m) and not isinstance(m, LoraLinear)]
+    named = [(n, m) for n, m in model.named_modules() if is_linear_like(m) and not isinstance(m, LoraLinear)]
     if target_modules is None:
         prefixes = tuple(p + "." for p in decoder_block_prefixes(model))
         chosen = [n for n, _ in named if n.startswith(prefixes)]
@@ -390,34 +426,3 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> dict[str, LoraLinear]:
         setattr(parent, child_name, lora)
         wrapped[path] = lora
     return wrapped
-
-
-def peft_target_modules(model: nn.Module, wrapped_paths: list[str]) -> list[str]:
-    """The shortest PEFT ``target_modules`` list that selects exactly ``wrapped_paths``.
-
-    Leaf names (``q_proj``...) when they pick out exactly our set; full paths otherwise.
-    """
-    leaf_names = sorted({p.rpartition(".")[2] for p in wrapped_paths})
-    all_linear = [n for n, m in model.named_modules() if isinstance(m, LoraLinear) or _is_linear_like(m)]
-    # A LoraLinear's inner base module is "<path>.base": exclude those.
-    all_linear = [n for n in all_linear if not n.endswith(".base")]
-    by_leaf = {n for n in all_linear if n.rpartition(".")[2] in leaf_names}
-    if by_leaf == set(wrapped_paths):
-        return leaf_names
-    return list(wrapped_paths)
-
-
-_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<factor>[AB])\.weight$")
-
-
-def peft_key(path: str, factor: str) -> str:
-    return f"base_model.model.{path}.lora_{factor}.weight"
-
-
-def parse_peft_key(key: str) -> tuple[str, str]:
-    match = _PEFT_KEY.match(key)
-    if match is None:
-        raise ValueError(
-            f"adapter key {key!r} is not a PEFT LoRA key 'base_model.model.<path>.lora_A|B.weight'"
-        )
-    return match.group("path"), match.group("factor")

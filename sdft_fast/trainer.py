@@ -23,21 +23,17 @@ sampled them, so each token loss is weighted by the clipped importance ratio
 optimizer and schedule, but cross-entropy on the demonstration given the
 student prompt.
 
-Checkpoints hold everything needed to continue bit-for-bit: trainable weights,
-EMA teacher, optimizer, scheduler, RNG states, step and data position (and a
-pending rollout buffer when stopped between the passes of ``num_iterations``).
-They are written to a temporary folder and renamed, so a crash mid-save leaves
-the previous checkpoint intact.
+The run's plan (step count, data order, learning rate) comes from :mod:`sdft_fast.schedule`,
+its settings from :class:`sdft_fast.config.TrainConfig`, and its checkpoints (exact resume,
+atomic writes) from :mod:`sdft_fast.checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,160 +42,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from sdft_fast.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    json_default,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from sdft_fast.config import TrainConfig
 from sdft_fast.data import EncodedExample
+from sdft_fast.lora import LoraConfig
 from sdft_fast.loss import linear_cross_entropy, self_distill_loss, token_logprobs
 from sdft_fast.model import PairBatch, SelfDistillModel
-
-METHODS = ("sdft", "sft")
-TEACHERS = ("ema", "base", "live")
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE_FILE = "trainer_state.json"
-CHECKPOINT_FORMAT_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides what a training run does.
-
-    Defaults follow the paper's recipe where it has one (forward KL, EMA teacher
-    at rate 0.01, 3 masked completion tokens, one rollout per prompt at
-    temperature 1.0, clip 1.0) and TRL's SDFTTrainer otherwise.
-    """
-
-    method: str = "sdft"  # "sdft" (self-distillation) or "sft" (cross-entropy on the demonstration)
-    # -- loss
-    alpha: float = 0.0  # 0 forward KL(T||S), 1 reverse KL(S||T), between: generalized JSD
-    loss_temperature: float = 1.0  # softmax temperature of both distributions inside the divergence
-    loss_impl: str = "auto"  # "auto" (triton on CUDA, chunked torch elsewhere) | "torch" | "triton"
-    skip_tokens: int = 3  # the first completion tokens carry little signal about the demonstration
-    num_iterations: int = 1  # optimizer passes over one batch of rollouts
-    # Rollouts per prompt and step (sdft only). The batch counts sequences: a step takes
-    # batch_size * grad_accum / num_generations prompts and samples each num_generations times, the
-    # copies of a prompt next to each other in one micro-batch (so batch_size must be a multiple).
-    num_generations: int = 1
-    importance_cap: float = 2.0  # clip of the importance ratio when num_iterations > 1
-    # -- teacher
-    teacher: str = "ema"  # "ema" | "base" | "live"; must match the model's teacher
-    ema_rate: float = 0.01
-    # -- rollouts
-    temperature: float = 1.0  # sampling temperature of the student's rollouts
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 128
-    ignore_eos: bool = False  # sample exactly max_new_tokens (benchmarks: equal work per step)
-    # -- optimisation
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio at max_steps
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
-    batch_size: int = 8  # prompts per micro-batch (one forward/backward)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int | None = None  # optimizer steps; None: derived from epochs
-    epochs: float = 1.0
-    shuffle: bool = True
-    seed: int = 0
-    # -- model (used by build_model; the loop itself takes a built model)
-    lora_rank: int = 16  # 0 = full fine-tuning
-    lora_alpha: float | None = None  # None: 2 * rank
-    lora_dropout: float = 0.0
-    dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA) | "float32" | "bfloat16" | "float16"
-    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
-    # -- output
-    output_dir: str | None = None  # None: no checkpoints, no metrics file
-    save_every: int = 0  # 0: save only at the end
-    keep_checkpoints: int = 2  # older checkpoints are deleted once a newer one is complete
-    log_every: int = 1
-    eval_every: int = 0  # 0: evaluate only at the end (when an eval_fn is given)
-    progress: bool = True  # tqdm bar on stderr
-    tensorboard: bool = True  # write TensorBoard events when tensorboard is importable
-
-    def __post_init__(self) -> None:
-        self.adam_betas = tuple(self.adam_betas)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for a value the loop cannot run with."""
-
-        def fail(name: str, value: Any, why: str) -> None:
-            raise ValueError(f"TrainConfig.{name}={value!r}: {why}")
-
-        if self.method not in METHODS:
-            fail("method", self.method, f"must be one of {METHODS}")
-        if self.teacher not in TEACHERS:
-            fail("teacher", self.teacher, f"must be one of {TEACHERS}")
-        if not 0.0 <= self.alpha <= 1.0:
-            fail("alpha", self.alpha, "must lie in [0, 1]")
-        for name in ("temperature", "loss_temperature", "lr", "importance_cap", "epochs"):
-            if not getattr(self, name) > 0:
-                fail(name, getattr(self, name), "must be > 0")
-        if not 0.0 <= self.ema_rate <= 1.0:
-            fail("ema_rate", self.ema_rate, "must lie in [0, 1]")
-        if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", self.top_p, "must lie in (0, 1]")
-        for name in (
-            "batch_size",
-            "grad_accum",
-            "num_iterations",
-            "num_generations",
-            "max_new_tokens",
-            "log_every",
-        ):
-            if int(getattr(self, name)) < 1:
-                fail(name, getattr(self, name), "must be >= 1")
-        for name in ("skip_tokens", "warmup_steps", "save_every", "eval_every", "lora_rank", "top_k"):
-            if int(getattr(self, name)) < 0:
-                fail(name, getattr(self, name), "must be >= 0")
-        if self.num_generations > 1 and self.method != "sdft":
-            fail(
-                "num_generations",
-                self.num_generations,
-                f"only method='sdft' samples rollouts (method={self.method!r})",
-            )
-        if self.batch_size % self.num_generations:
-            fail(
-                "num_generations",
-                self.num_generations,
-                f"must divide batch_size={self.batch_size} (a micro-batch holds whole groups of one prompt's rollouts)",
-            )
-        if self.keep_checkpoints < 1:
-            fail("keep_checkpoints", self.keep_checkpoints, "must be >= 1 (the last good checkpoint is kept)")
-        if self.max_steps is not None and self.max_steps < 1:
-            fail("max_steps", self.max_steps, "must be >= 1 or None")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            fail("min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
-        if self.weight_decay < 0:
-            fail("weight_decay", self.weight_decay, "must be >= 0")
-        if self.loss_impl not in ("auto", "torch", "triton"):
-            fail("loss_impl", self.loss_impl, "must be auto, torch or triton")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            fail("dtype", self.dtype, "must be auto, float32, bfloat16 or float16")
-
-    @property
-    def sequences_per_step(self) -> int:
-        """Sequences trained on per optimizer step (rollouts for sdft, demonstrations for sft)."""
-        return self.batch_size * self.grad_accum
-
-    @property
-    def prompts_per_step(self) -> int:
-        """Distinct prompts taken from the data per optimizer step."""
-        return self.sequences_per_step // self.num_generations
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["adam_betas"] = list(self.adam_betas)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown fields {unknown}")
-        return cls(**values)
+from sdft_fast.sampling import pad_token_id, stop_token_ids
+from sdft_fast.schedule import DataCursor, make_optimizer, planned_steps
 
 
 @dataclass
@@ -216,142 +74,16 @@ class TrainResult:
     stopped_early: bool = False  # stop_after ended the run before max_steps
 
 
-# ----------------------------------------------------------------------------- model helpers
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """fp32 on the CPU (bf16 matmuls are slow there and fp32 keeps runs reproducible), bf16 on CUDA."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def build_model(model_path: str | os.PathLike, config: TrainConfig) -> SelfDistillModel:
     """Load a local HF causal-LM folder as a SelfDistillModel the way ``config`` asks (LoRA or full FT)."""
-    from sdft_fast.lora import LoraConfig
-
-    device = resolve_device(config.device)
     lora = None
     if config.lora_rank > 0:
-        lora_alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * config.lora_rank
-        lora = LoraConfig(r=config.lora_rank, alpha=lora_alpha, dropout=config.lora_dropout)
+        lora = LoraConfig(r=config.lora_rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
     # PEFT-style adapters start with B = 0 but A random: seed so two runs start identically.
     torch.manual_seed(config.seed)
     return SelfDistillModel.from_pretrained(
-        model_path,
-        lora=lora,
-        teacher=config.teacher,
-        dtype=resolve_dtype(config.dtype, device),
-        device=str(device),
+        model_path, lora=lora, teacher=config.teacher, dtype=config.dtype, device=config.device
     )
-
-
-def eos_token_ids(model: SelfDistillModel, tokenizer) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS plus the model's generation-config EOS ids
-    (chat models often end a turn with a token that is not the tokenizer's EOS)."""
-    ids: list[int] = []
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    generation_config = getattr(model.hf_model, "generation_config", None)
-    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-    if isinstance(extra, int):
-        extra = [extra]
-    for token_id in extra or []:
-        if int(token_id) not in ids:
-            ids.append(int(token_id))
-    return ids
-
-
-def is_lora(model: SelfDistillModel) -> bool:
-    """True when only an adapter trains (fewer trainable elements than the base network has)."""
-    trainable = sum(p.numel() for p in model.trainable_parameters())
-    base = sum(p.numel() for p in model.hf_model.parameters())
-    return trainable < base
-
-
-def pad_token_id(tokenizer, eos_ids: Sequence[int]) -> int | None:
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        return int(tokenizer.pad_token_id)
-    return int(eos_ids[0]) if eos_ids else None
-
-
-# ----------------------------------------------------------------------------- schedule
-
-
-def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier for optimizer step ``step`` (0-based): linear warmup from 1/(warmup+1), then a
-    half cosine from 1 down to ``min_lr_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: SelfDistillModel, config: TrainConfig, total_steps: int):
-    params = [p for p in model.trainable_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model.trainable_parameters() is empty: nothing to train")
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay, eps=1e-8
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: cosine_with_warmup(
-            step, warmup_steps=config.warmup_steps, total_steps=total_steps, min_lr_ratio=config.min_lr_ratio
-        ),
-    )
-    return optimizer, scheduler
-
-
-# ----------------------------------------------------------------------------- data order
-
-
-class DataCursor:
-    """Deterministic shuffled order over the examples, resumable from (epoch, position).
-
-    Each epoch's permutation comes from its own generator seeded with
-    ``seed + epoch``, so the order never depends on how many random numbers
-    the rest of the run consumed, and a resume needs only two integers.
-    """
-
-    def __init__(self, num_examples: int, *, seed: int, shuffle: bool, epoch: int = 0, position: int = 0):
-        if num_examples < 1:
-            raise ValueError("no training examples")
-        self.num_examples = num_examples
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = epoch
-        self.position = position
-        self._order = self._permutation(epoch)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.num_examples))
-        generator = torch.Generator().manual_seed(self.seed + 7919 * epoch)
-        return torch.randperm(self.num_examples, generator=generator).tolist()
-
-    def take(self, count: int) -> list[int]:
-        """The next ``count`` example indices, crossing epoch boundaries as needed."""
-        out: list[int] = []
-        while len(out) < count:
-            if self.position >= self.num_examples:
-                self.epoch += 1
-                self.position = 0
-                self._order = self._permutation(self.epoch)
-            take = min(count - len(out), self.num_examples - self.position)
-            out.extend(self._order[self.position : self.position + take])
-            self.position += take
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
 
 
 def validate_examples(examples: Sequence[EncodedExample], config: TrainConfig) -> None:
@@ -366,201 +98,6 @@ def validate_examples(examples: Sequence[EncodedExample], config: TrainConfig) -
             raise ValueError(f"{where}: teacher prompt encodes to no tokens")
         if config.method == "sft" and not example.demonstration_ids:
             raise ValueError(f"{where}: field 'demonstration' encodes to no tokens (needed by method 'sft')")
-
-
-def planned_steps(num_examples: int, config: TrainConfig) -> int:
-    if config.max_steps is not None:
-        return config.max_steps
-    return max(1, math.ceil(config.epochs * num_examples / config.prompts_per_step))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _flatten_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and the JSON-able rest."""
-    state_dict = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    structure: dict[str, Any] = {"param_groups": state_dict["param_groups"], "state": {}}
-    for param_id, param_state in state_dict["state"].items():
-        entry: dict[str, Any] = {}
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                name = f"state.{param_id}.{key}"
-                tensors[name] = value.detach().cpu().contiguous()
-                entry[key] = {"tensor": name}
-            else:
-                entry[key] = {"value": value}
-        structure["state"][str(param_id)] = entry
-    return tensors, structure
-
-
-def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for param_id, entry in structure["state"].items():
-        state[int(param_id)] = {
-            key: tensors[item["tensor"]] if "tensor" in item else item["value"] for key, item in entry.items()
-        }
-    return {"state": state, "param_groups": structure["param_groups"]}
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if callable(value):  # LambdaLR keeps the lambdas; they are rebuilt from the config on resume
-        return None
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON")
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=1, default=_json_default))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def checkpoint_steps(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``output_dir`` as (step, path), oldest first.
-
-    A checkpoint is complete when its trainer_state.json exists: that file is
-    written last, inside the temporary folder, before the rename.
-    """
-    root = Path(output_dir)
-    found = []
-    if not root.is_dir():
-        return found
-    for child in root.iterdir():
-        if not child.name.startswith(CHECKPOINT_PREFIX) or not child.is_dir():
-            continue
-        suffix = child.name[len(CHECKPOINT_PREFIX) :]
-        if suffix.isdigit() and (child / TRAINER_STATE_FILE).is_file():
-            found.append((int(suffix), child))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    found = checkpoint_steps(output_dir)
-    return found[-1][1] if found else None
-
-
-def save_checkpoint(
-    output_dir: str | os.PathLike,
-    *,
-    model: SelfDistillModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    config: TrainConfig,
-    trainer_state: dict[str, Any],
-    keep: int = 2,
-) -> Path:
-    """Write everything needed to continue exactly, atomically (temp folder + rename).
-
-    Layout of ``checkpoint-<step>/``:
-      trainable.safetensors   the trainable parameters (LoRA factors or all weights), exact
-      adapter/                PEFT-format adapter (LoRA runs only; the user-facing export)
-      teacher.safetensors     the EMA teacher's state (empty for base/live teachers)
-      optimizer.safetensors   AdamW moments, flattened; optimizer.json holds their structure
-      scheduler.json          LR scheduler state
-      rng.safetensors         torch CPU (and CUDA) generator states; rng.json the python state
-      trainer_state.json      step, data position, config, pending rollouts; written last
-    """
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    step = int(trainer_state["step"])
-    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        trainable = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        if is_lora(model):  # full fine-tuning: trainable.safetensors already is the weights
-            model.save_adapter(tmp / "adapter")
-        teacher = {k: v.detach().cpu().contiguous() for k, v in (model.teacher_state_dict() or {}).items()}
-        save_file(teacher, str(tmp / "teacher.safetensors"))
-        optimizer_tensors, optimizer_structure = _flatten_optimizer_state(optimizer)
-        save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
-        _write_json(tmp / "optimizer.json", optimizer_structure)
-        _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        rng_tensors = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-                rng_tensors[f"torch_cuda_{index}"] = cuda_state
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        _write_json(tmp / "rng.json", {"python": random.getstate()})
-        # Written last: its presence marks the folder complete (see checkpoint_steps).
-        _write_json(tmp / TRAINER_STATE_FILE, trainer_state)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step: move the old one aside, never delete it first
-            trash = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in checkpoint_steps(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    *,
-    model: SelfDistillModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-) -> dict[str, Any]:
-    """Restore model, teacher, optimizer, scheduler and RNG states; return the trainer state."""
-    path = Path(path)
-    state_file = path / TRAINER_STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE_FILE})")
-    trainer_state = json.loads(state_file.read_text())
-    if trainer_state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(
-            f"{state_file}: checkpoint format {trainer_state.get('format_version')} is not "
-            f"{CHECKPOINT_FORMAT_VERSION}, the one this version writes"
-        )
-    device = model.device
-    trainable = load_file(str(path / "trainable.safetensors"), device=str(device))
-    model.load_trainable_state_dict(trainable)
-    teacher = load_file(str(path / "teacher.safetensors"), device=str(device))
-    if teacher:
-        model.load_teacher_state_dict(teacher)
-    optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer_structure = json.loads((path / "optimizer.json").read_text())
-    # load_state_dict moves the moments to each parameter's device and dtype.
-    optimizer.load_state_dict(_unflatten_optimizer_state(optimizer_tensors, optimizer_structure))
-    scheduler_state = json.loads((path / "scheduler.json").read_text())
-    # The lambdas themselves are rebuilt from the config; their JSON entries are None (see _json_default).
-    scheduler_state["lr_lambdas"] = [None] * len(scheduler_state.get("lr_lambdas") or [None])
-    scheduler.load_state_dict(scheduler_state)
-    rng_tensors = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng_tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda_states = [rng_tensors[k] for k in sorted(rng_tensors) if k.startswith("torch_cuda_")]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-    python_state = json.loads((path / "rng.json").read_text())["python"]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    return trainer_state
 
 
 # ----------------------------------------------------------------------------- one step
@@ -615,8 +152,8 @@ class Trainer:
         self.examples = list(examples)
         self.config = config
         self.total_steps = planned_steps(len(self.examples), config)
-        self.eos_ids = eos_token_ids(model, tokenizer)
-        self.pad_id = pad_token_id(tokenizer, self.eos_ids)
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.pad_id = pad_token_id(tokenizer, self.stop_ids)
         self.optimizer, self.scheduler = make_optimizer(model, config, self.total_steps)
         self.cursor = DataCursor(len(self.examples), seed=config.seed, shuffle=config.shuffle)
         self.step = 0
@@ -640,7 +177,7 @@ class Trainer:
                     temperature=config.temperature,
                     top_p=config.top_p,
                     top_k=config.top_k,
-                    eos_token_id=None if config.ignore_eos else (self.eos_ids or None),
+                    eos_token_id=None if config.ignore_eos else (self.stop_ids or None),
                     pad_token_id=self.pad_id,
                     seed=_rollout_seed(config.seed, self.step, micro),
                 )
@@ -986,7 +523,7 @@ def train(
     writer = None
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(output_dir / "train_config.json", config.to_dict())
+        write_json(output_dir / "train_config.json", config.to_dict())
         metrics_file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
         if config.tensorboard:
             writer = _tensorboard_writer(output_dir)
@@ -1012,7 +549,7 @@ def train(
     def emit(row: dict[str, Any]) -> None:
         rows.append(row)
         if metrics_file is not None:
-            metrics_file.write(json.dumps(row, default=_json_default) + "\n")
+            metrics_file.write(json.dumps(row, default=json_default) + "\n")
             metrics_file.flush()
         if writer is not None:
             prefix = "eval" if row.get("eval") else "train"

@@ -1,5 +1,6 @@
-"""Tiny random-initialised causal LMs built from configs (no downloads), shared by the model and
-sampler tests: one per architecture family the fast path covers, plus GPT-2 for the generic path."""
+"""Test helpers, shared by every test module: tiny random-initialised causal LMs built from configs
+(no downloads) — one per architecture family the fast path covers, plus GPT-2 for the generic
+path — and a byte-level tokenizer built in memory."""
 
 import torch
 from transformers import (
@@ -64,3 +65,84 @@ def randomize_adapters(model, seed=1):
 
 def random_ids(gen, n):
     return torch.randint(0, VOCAB - 1, (n,), generator=gen).tolist()
+
+
+BYTE_TOKENIZER_CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def byte_level_tokenizer(chat_template: bool = True):
+    """A 259-token byte-level `PreTrainedTokenizerFast` built in memory: <pad>=0, <s>=1, </s>=2, then bytes.
+
+    Every string round-trips, so tiny random models (vocab_size >= 259) can be trained and evaluated
+    end to end without hub access. With `chat_template`, a ChatML-like template using <s>/</s> is set.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {
+        token: index for index, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))
+    }
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    if chat_template:
+        tokenizer.chat_template = BYTE_TOKENIZER_CHAT_TEMPLATE
+    return tokenizer
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chatml_byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + <|endoftext|>, <|im_start|>, <|im_end|>) with a
+    ChatML chat template: the shape of SmolLM2's, with no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for token in specials:
+        vocab[token] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_llama(folder, seed: int = 0):
+    """A random 2-layer Llama + :func:`chatml_byte_tokenizer`, saved as a local HF model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = chatml_byte_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

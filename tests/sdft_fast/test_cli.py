@@ -13,12 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from helpers import save_tiny_llama
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -36,37 +31,7 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random tiny Llama + a byte-level chat tokenizer, saved as a local HF folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny_cli_model")
-    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        vocab[token] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_cli_model"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -77,7 +42,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_help_lists_subcommands_and_train_options(tmp_path):
     top = run_cli("--help", cwd=tmp_path)
     assert top.returncode == 0, top.stderr
-    for command in ("train", "eval", "generate", "demo", "bench"):
+    for command in ("train", "eval", "generate", "demo"):
         assert command in top.stdout
     train_help = run_cli("train", "--help", cwd=tmp_path)
     assert train_help.returncode == 0, train_help.stderr
@@ -178,28 +143,23 @@ def test_malformed_row_fails_before_training_naming_file_row_field(tiny_model_di
     assert not out.exists(), "nothing may be written before the data is valid"
 
 
-def test_bench_lists_the_trl_benchmark(tmp_path):
-    done = run_cli("bench", "--list", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "trl" in done.stdout
-
-
 def test_demo_configs_and_report_say_what_was_trained(tmp_path):
     """The demo's SDFT run samples num_generations rollouts per prompt, its SFT run one target per
     prompt; the report states the training data (prompts per fact) and the settings it ran with."""
-    from sdft_fast import cli
+    from sdft_fast import cli, demo, demo_report
+    from sdft_fast.config import DEMO_DEFAULTS
 
     args = cli.build_parser().parse_args(["demo", "--num-generations", "4", "--no-progress"])
-    sdft = cli._demo_train_config("sdft", args, tmp_path)
-    sft = cli._demo_train_config("sft", args, tmp_path)
+    sdft = demo._demo_train_config("sdft", args, tmp_path)
+    sft = demo._demo_train_config("sft", args, tmp_path)
     assert sdft.num_generations == 4 and sdft.prompts_per_step == args.batch_size // 4
     assert sft.num_generations == 1 and sft.lr == args.sft_lr and sft.max_steps == args.sft_steps
     with pytest.raises(ValueError, match="TrainConfig.num_generations=3"):
-        cli._demo_train_config(
+        demo._demo_train_config(
             "sdft", cli.build_parser().parse_args(["demo", "--num-generations", "3"]), tmp_path
         )
 
-    settings = {k: getattr(args, k) for k in cli.DEMO_DEFAULTS}
+    settings = {k: getattr(args, k) for k in DEMO_DEFAULTS}
     data = {
         "facts": 2,
         "train_prompts": 13,
@@ -218,7 +178,7 @@ def test_demo_configs_and_report_say_what_was_trained(tmp_path):
         "methods": {"sdft": dict(scores, train_s=1.0, steps=3, final_loss=0.1)},
         "wall_s": 2.0,
     }
-    cli._write_demo_report(results, tmp_path, model_name="tiny")
+    demo_report.write_demo_report(results, tmp_path, model_name="tiny")
     report = (tmp_path / "demo.md").read_text()
     assert "13 training prompts for 2 facts (6-7 per fact" in report
     assert f"{args.batch_size // 4} prompts x 4 samples each" in report

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import byte_level_tokenizer
 
 from sdft_fast.data import (
     DEFAULT_TEACHER_TEMPLATE,
@@ -10,7 +11,6 @@ from sdft_fast.data import (
     DataLimits,
     EncodedExample,
     Example,
-    byte_level_tokenizer,
     encode_examples,
     load_examples,
     teacher_prompt,

@@ -4,8 +4,9 @@ import json
 from collections import Counter
 
 import pytest
+from helpers import byte_level_tokenizer
 
-from sdft_fast.data import DataError, DataLimits, byte_level_tokenizer, encode_examples
+from sdft_fast.data import DataError, DataLimits, encode_examples
 from sdft_fast.demo import DEMO_FACTS_PATH, load_demo
 from sdft_fast.eval import answer_matches, normalize_text
 

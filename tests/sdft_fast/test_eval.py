@@ -4,9 +4,10 @@ import copy
 
 import pytest
 import torch
+from helpers import byte_level_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sdft_fast.data import Example, byte_level_tokenizer, encode_examples, encode_prompt
+from sdft_fast.data import Example, encode_examples, encode_prompt
 from sdft_fast.eval import (
     HFGenerator,
     ReferenceLogprobs,
@@ -93,12 +94,15 @@ class FakeGenerator:
         self, prompts, *, max_new_tokens, do_sample=True, eos_token_id=None, pad_token_id=None, **kwargs
     ):
         self.calls.append({"batch": len(prompts), "do_sample": do_sample, "max_new_tokens": max_new_tokens})
+        stop = (
+            eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
+        )  # int or list: the contract
         completions = []
         for prompt in prompts:
             text = self.tokenizer.decode(prompt)
             answer = next((a for key, a in self.answers_by_prompt.items() if key in text), "I don't know")
             completions.append(
-                self.tokenizer.encode(answer, add_special_tokens=False)[:max_new_tokens] + [eos_token_id]
+                self.tokenizer.encode(answer, add_special_tokens=False)[:max_new_tokens] + [stop]
             )
         return completions
 
@@ -171,21 +175,17 @@ def test_hf_generator_greedy_matches_argmax_and_left_padding(tiny_model, tokeniz
     assert sampled_a == sampled_b and all(1 <= len(c) <= 5 for c in sampled_a)
 
 
-def test_hf_generator_stops_at_eos():
-    class Scripted:
-        """An HF-like model whose generate returns fixed rows (EOS then padding)."""
-
-        def parameters(self):
-            yield torch.zeros(1)
-
-        def generate(self, input_ids, attention_mask, **kwargs):
-            new = torch.tensor([[5, 6, 2, 0, 0], [7, 8, 9, 10, 11]])
-            return torch.cat([input_ids, new], dim=1)
-
-    completions = HFGenerator(Scripted()).generate(
-        [[1, 3], [4]], max_new_tokens=5, do_sample=False, eos_token_id=2, pad_token_id=0
+def test_hf_generator_stops_each_row_at_its_stop_token(tiny_model, tokenizer):
+    prompts = [encode_prompt(tokenizer, "Hi"), encode_prompt(tokenizer, "A much longer question here?")]
+    free = HFGenerator(tiny_model).generate(prompts, max_new_tokens=6, do_sample=False)
+    assert all(len(c) == 6 for c in free)
+    stop = free[0][2]  # row 0 stops at its third token; row 1 at its own first occurrence, if any
+    stopped = HFGenerator(tiny_model).generate(
+        prompts, max_new_tokens=6, do_sample=False, eos_token_id=[stop]
     )
-    assert completions == [[5, 6, 2], [7, 8, 9, 10, 11]]
+    for row, completion in zip(free, stopped):
+        cut = row.index(stop) + 1 if stop in row else len(row)
+        assert completion == row[:cut]
 
 
 def test_retention_probes_are_well_formed():

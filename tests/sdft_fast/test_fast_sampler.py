@@ -1,4 +1,4 @@
-"""sdft_fast.sampler.fast_generate: same tokens as HF generate / SelfDistillModel.generate, logits equal
+"""sdft_fast.fast_sampler.fast_generate: same tokens as HF generate / SelfDistillModel.generate, logits equal
 to a teacher-forced HF forward, EOS handling, seeded sampling, no leaked merged weights, support check.
 Tiny random models built from configs, CPU."""
 
@@ -6,19 +6,20 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import VOCAB
-from tiny_models import gpt2 as _gpt2
-from tiny_models import llama as _llama
-from tiny_models import mistral as _mistral
-from tiny_models import qwen2 as _qwen2
-from tiny_models import qwen3 as _qwen3
-from tiny_models import random_ids as _ids
-from tiny_models import randomize_adapters as _randomize_adapters
+from helpers import VOCAB
+from helpers import gpt2 as _gpt2
+from helpers import llama as _llama
+from helpers import mistral as _mistral
+from helpers import qwen2 as _qwen2
+from helpers import qwen3 as _qwen3
+from helpers import random_ids as _ids
+from helpers import randomize_adapters as _randomize_adapters
 
-import sdft_fast.sampler as sampler
-from sdft_fast.lora import LoraConfig, lora_route
+import sdft_fast.fast_sampler as fast_sampler
+from sdft_fast import sampling
+from sdft_fast.fast_sampler import fast_generate, supports_fast_generate
+from sdft_fast.lora import ROUTE_STUDENT, LoraConfig, lora_route
 from sdft_fast.model import SelfDistillModel
-from sdft_fast.sampler import _generate, fast_generate, supports_fast_generate
 
 
 def _model(make, lora=True, **kwargs) -> SelfDistillModel:
@@ -73,7 +74,15 @@ def _teacher_forced_logits(model: SelfDistillModel, prompt, completion) -> torch
     return logits[len(prompt) - 1 : len(prompt) - 1 + len(completion)]
 
 
-def _run(model, prompts, keep_logits=True, **kwargs):
+def _run(model, prompts, **kwargs):
+    """fast_generate, plus the fp32 logits [B, V] each step sampled from (recorded at pick_next)."""
+    seen_logits = []
+    pick_next = sampling.pick_next
+
+    def recording_pick_next(logits, *args):
+        seen_logits.append(logits.clone())
+        return pick_next(logits, *args)
+
     args = dict(
         max_new_tokens=6,
         do_sample=False,
@@ -85,7 +94,11 @@ def _run(model, prompts, keep_logits=True, **kwargs):
         seed=None,
     )
     args.update(kwargs)
-    return _generate(model, prompts, keep_logits=keep_logits, **args)
+    sampling.pick_next = recording_pick_next
+    try:
+        return fast_generate(model, prompts, **args), seen_logits
+    finally:
+        sampling.pick_next = pick_next
 
 
 # ------------------------------------------------------------------------------ greedy == HF
@@ -146,14 +159,16 @@ def test_lora_delta_matters_and_merged_weights_do_not_leak():
 
 def test_merged_weights_equal_base_plus_student_delta():
     model = _model(_llama)
-    layers = sampler._merge_layers(model, batch_hint=2, pack=False)
+    layers = fast_sampler._merge_layers(model, batch_hint=2, pack=False)
     attn = model.hf_model.model.layers[1].self_attn
     expected = torch.cat(
-        [m.base_weight + m.delta_weight("student") for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        [m.base_weight + m.delta_weight(ROUTE_STUDENT) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     )
     torch.testing.assert_close(layers[1].qkv.weight, expected, atol=1e-6, rtol=1e-6)
     mlp = model.hf_model.model.layers[0].mlp
-    expected = torch.cat([m.base_weight + m.delta_weight("student") for m in (mlp.gate_proj, mlp.up_proj)])
+    expected = torch.cat(
+        [m.base_weight + m.delta_weight(ROUTE_STUDENT) for m in (mlp.gate_proj, mlp.up_proj)]
+    )
     torch.testing.assert_close(layers[0].gate_up.weight, expected, atol=1e-6, rtol=1e-6)
 
 
@@ -161,17 +176,17 @@ def test_merged_weights_equal_base_plus_student_delta():
 def test_both_linear_backends_give_the_same_result(pack, monkeypatch):
     model = _model(_qwen3)
     prompts = _prompt_set()
-    original_init = sampler._Decoder.__init__
+    original_init = fast_sampler._Decoder.__init__
     built = []
 
     def init(self, model, rows, slots, pack=True, _force=pack):
         original_init(self, model, rows, slots, pack=_force)
         built.append(self)
 
-    monkeypatch.setattr(sampler._Decoder, "__init__", init)
+    monkeypatch.setattr(fast_sampler._Decoder, "__init__", init)
     ours, step_logits = _run(model, prompts, max_new_tokens=4)
     # the packed path really runs where this CPU has oneDNN (the dev box does)
-    expect_packed = pack and sampler._onednn_available(torch.zeros(1))
+    expect_packed = pack and fast_sampler._onednn_available(torch.zeros(1))
     assert (built[0].layers[0].qkv.packed is not None) == expect_packed
     assert (built[0].lm_head.packed is not None) == expect_packed
     assert ours == _hf_greedy(model, prompts, 4)
@@ -258,8 +273,10 @@ def test_reference_is_the_hf_path(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the reference went through the fast sampler")
 
-    monkeypatch.setattr(sampler, "fast_generate", refuse)
-    monkeypatch.setattr(sampler, "_generate", refuse)
+    import sdft_fast.model as model_module
+
+    monkeypatch.setattr(model_module, "fast_generate", refuse)
+    monkeypatch.setattr(fast_sampler, "fast_generate", refuse)
     assert len(_reference_generate(model, [[1, 2, 3]], max_new_tokens=3, seed=0)[0]) == 3
     assert model.__dict__.get("fast_sampling", True) is True  # restored
 
@@ -311,11 +328,6 @@ def test_supports_fast_generate():
     assert not ok and "Llama-family" in reason
     with pytest.raises(NotImplementedError, match="Llama-family"):
         fast_generate(gpt2, [[1, 2]], max_new_tokens=2)
-
-    llama = _model(_llama)
-    with lora_route(torch.ones(2, 3, dtype=torch.long)):
-        ok, reason = supports_fast_generate(llama)
-    assert not ok and "route" in reason
 
     dynamic = _model(_llama, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     ok, reason = supports_fast_generate(dynamic)

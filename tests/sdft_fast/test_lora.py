@@ -1,4 +1,4 @@
-"""LoRA layer: slots, per-token routing, packed GEMM autograd, EMA of the factors, injection."""
+"""LoRA layer: slots, routes, packed GEMM autograd, EMA of the factors, injection."""
 
 import pytest
 import torch
@@ -15,8 +15,8 @@ from sdft_fast.lora import (
     inject_lora,
     lora_route,
     packed_linear,
-    peft_target_modules,
 )
+from sdft_fast.peft_io import peft_target_modules
 
 
 def _layer(seed=0, in_f=12, out_f=10, r=3, bias=True):
@@ -70,21 +70,12 @@ def test_routes_apply_the_right_slot():
     torch.testing.assert_close(layer(x), base + s * x @ layer.lora_A.T @ layer.lora_B.T)
 
 
-def test_per_token_route_tensor_matches_whole_call_routes():
-    layer = _layer(1)
-    x = torch.randn(2, 6, 12)  # [B, T, in]
-    route = torch.tensor([[1, 1, 2, 2, 0, 1], [2, 0, 0, 1, 2, 2]])
-    with lora_route(route):
-        mixed = layer(x)
-    for code in (ROUTE_NONE, ROUTE_STUDENT, ROUTE_TEACHER):
-        with lora_route(code):
-            whole = layer(x)
-        rows = route == code
-        torch.testing.assert_close(mixed[rows], whole[rows])
-    with lora_route(torch.zeros(3, dtype=torch.long)), pytest.raises(ValueError, match="route shape"):
-        layer(x)
+def test_unknown_route_names_the_choices():
     with pytest.raises(ValueError, match="route must be one of"):
         with lora_route("ema"):
+            pass
+    with pytest.raises(ValueError, match="route code must be"):
+        with lora_route(7):
             pass
 
 
@@ -126,14 +117,14 @@ def test_packed_linear_values_grads_and_saved_rows(weight_trainable):
         torch.testing.assert_close(bias.grad, ref_b.grad)
 
 
-def test_forward_pair_slots_match_routes():
+def test_forward_pair_routes_match_whole_call_routes():
     layer = _layer(2)
     student_x, teacher_x = torch.randn(4, 12), torch.randn(6, 12)
-    for slot in (ROUTE_TEACHER, ROUTE_NONE, ROUTE_STUDENT):
-        student_y, teacher_y = layer.forward_pair(student_x, teacher_x, slot)
+    for route in (ROUTE_TEACHER, ROUTE_NONE, ROUTE_STUDENT):
+        student_y, teacher_y = layer.forward_pair(student_x, teacher_x, route)
         with lora_route(ROUTE_STUDENT):
             torch.testing.assert_close(student_y, layer(student_x))
-        with lora_route(slot):
+        with lora_route(route):
             torch.testing.assert_close(teacher_y, layer(teacher_x).detach())
         assert student_y.requires_grad and not teacher_y.requires_grad
 
@@ -154,7 +145,7 @@ def test_ema_is_factorwise_and_not_the_ema_of_the_product():
     assert (product_of_emas - ema_of_products).abs().max() > 1e-3
     # rate 1 copies the student exactly
     layer.ema_update(1.0)
-    torch.testing.assert_close(layer.delta_weight("teacher"), layer.delta_weight("student").detach())
+    torch.testing.assert_close(layer.delta_weight(ROUTE_TEACHER), layer.delta_weight(ROUTE_STUDENT).detach())
 
 
 def test_inject_default_targets_all_decoder_linears_and_freezes_base():

@@ -1,25 +1,24 @@
 """SelfDistillModel: packed one-pass == separate forwards, student-only autograd, teachers,
 PEFT round trip, generation, bad input. Tiny random models built from configs, CPU, fp32."""
 
-import json
 import warnings
 
 import pytest
 import torch
-from tiny_models import SMALL, VOCAB
-from tiny_models import gpt2 as _gpt2
-from tiny_models import llama as _llama
-from tiny_models import mistral as _mistral
-from tiny_models import qwen2 as _qwen2
-from tiny_models import qwen3 as _qwen3
-from tiny_models import random_ids as _ids
-from tiny_models import randomize_adapters as _randomize_adapters
+from helpers import SMALL, VOCAB
+from helpers import gpt2 as _gpt2
+from helpers import llama as _llama
+from helpers import mistral as _mistral
+from helpers import qwen2 as _qwen2
+from helpers import qwen3 as _qwen3
+from helpers import random_ids as _ids
+from helpers import randomize_adapters as _randomize_adapters
 from transformers import (
-    AutoModelForCausalLM,
     MistralConfig,
     MistralForCausalLM,
 )
 
+from sdft_fast import prefix_tree
 from sdft_fast.lora import LoraConfig, lora_route
 from sdft_fast.loss import self_distill_loss
 from sdft_fast.model import PairBatch, PairHidden, SelfDistillModel
@@ -223,34 +222,6 @@ def _logits(hf_model, ids):
         return hf_model(input_ids=torch.tensor([ids])).logits
 
 
-def test_peft_round_trip_and_merge(tmp_path):
-    peft = pytest.importorskip("peft")
-    model = SelfDistillModel(_llama(), lora=LoraConfig(r=4, alpha=8), teacher="ema")
-    _randomize_adapters(model)
-    ids = list(range(3, 20))
-    with lora_route("student"):
-        ours = _logits(model.hf_model, ids)
-    model.save_adapter(tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    peft_model = peft.PeftModel.from_pretrained(_llama(), str(tmp_path / "adapter"))
-    torch.testing.assert_close(_logits(peft_model, ids), ours, rtol=1e-5, atol=1e-5)
-    # and back: a fresh model loads the adapter to the same logits
-    fresh = SelfDistillModel(_llama(), lora=LoraConfig(r=4, alpha=8), teacher="ema")
-    fresh.load_adapter(tmp_path / "adapter")
-    with lora_route("student"):
-        torch.testing.assert_close(_logits(fresh.hf_model, ids), ours, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="differ from this model's LoraConfig"):
-        SelfDistillModel(_llama(), lora=LoraConfig(r=2, alpha=8)).load_adapter(tmp_path / "adapter")
-    # merged plain HF model gives the same logits; the live model keeps its adapter unmerged
-    model.merge_and_save(tmp_path / "merged")
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    torch.testing.assert_close(_logits(merged, ids), ours, rtol=1e-5, atol=1e-5)
-    with lora_route("student"):
-        torch.testing.assert_close(_logits(model.hf_model, ids), ours)
-
-
 def test_trainable_state_dict_round_trip():
     model = SelfDistillModel(_llama(), lora=LoraConfig(r=2, alpha=4))
     _randomize_adapters(model)
@@ -337,14 +308,6 @@ def test_sliding_window_longer_than_sequences_falls_back_with_equal_results():
     torch.testing.assert_close(out.student_hidden, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_silu_gate_mul_gradient():
-    from sdft_fast.model import _SiluGateMul
-
-    gate = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    up = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_SiluGateMul.apply, (gate, up))
-
-
 def test_unsupported_architecture_falls_back_and_says_so_once():
     with pytest.warns(UserWarning, match="fast path not used.*gpt2") as record:
         model = SelfDistillModel(_gpt2(), lora=LoraConfig(r=2))
@@ -374,38 +337,9 @@ def _shared_prefix_batch(seed=0):
     return PairBatch(student, teacher, completions)
 
 
-def test_stream_prefix_tree_layout():
-    from sdft_fast.model import _Stream
-
-    system, a, b = list(range(1, 11)), [20, 21, 22], [30, 31]
-    seqs = [system + a + [40, 41], system + a + [40, 41], system + b, system + a + [50], [7, 8]]
-    prompt_lens, completion_lens = [13, 13, 11, 13, 1], [2, 2, 1, 1, 2]
-    tree = _Stream(seqs, prompt_lens, completion_lens, "cpu", min_shared=2)
-    # every distinct prefix appears once: system (10) + a (3) + [40, 41] (2) + b (2) + [50] + [7, 8]
-    assert tree.input_ids.numel() == 10 + 3 + 2 + 2 + 1 + 2
-    for seq, p, c, rows in zip(seqs, prompt_lens, completion_lens, tree.gather_rows.split(completion_lens)):
-        # the rows gathered for a sequence hold its own tokens at its own positions
-        assert tree.input_ids[rows].tolist() == seq[p - 1 : p - 1 + c]
-        assert tree.position_ids[rows].tolist() == list(range(p - 1, p - 1 + c))
-    for segment in tree.segments:  # a segment attends to its prefix, then to itself
-        own = tuple(range(segment.start, segment.start + segment.length))
-        assert segment.key_rows[-segment.length :] == own
-        assert tree.position_ids[list(segment.key_rows)].tolist() == list(range(len(segment.key_rows)))
-    # identical sequences share every row; sharing off lays every sequence out in full
-    assert tree.gather_rows[0:2].tolist() == tree.gather_rows[2:4].tolist()
-    plain = _Stream(seqs, prompt_lens, completion_lens, "cpu", min_shared=0)
-    assert plain.input_ids.tolist() == [t for s in seqs for t in s]
-    assert all(s.key_rows == tuple(range(s.start, s.start + s.length)) for s in plain.segments)
-    # a common prefix shorter than min_shared is not shared
-    short = _Stream([[1, 2, 3, 9], [1, 2, 3, 8]], [3, 3], [1, 1], "cpu", min_shared=4)
-    assert short.input_ids.numel() == 8
-
-
 @pytest.mark.parametrize("make, teacher", [(_llama, "ema"), (_qwen2, "base"), (_qwen3, "live")])
 def test_prefix_sharing_equals_unshared_forward_and_gradients(make, teacher, monkeypatch):
-    import sdft_fast.model as model_module
-
-    monkeypatch.setattr(model_module, "MIN_SHARED_PREFIX", 3)
+    monkeypatch.setattr(prefix_tree, "MIN_SHARED_PREFIX", 3)
     model = SelfDistillModel(make(), lora=LoraConfig(r=4, alpha=8), teacher=teacher)
     _randomize_adapters(model)
     batch = _shared_prefix_batch()
@@ -441,20 +375,20 @@ def test_prefix_sharing_equals_unshared_forward_and_gradients(make, teacher, mon
 
 def test_prefix_sharing_computes_shared_rows_once(monkeypatch):
     """With 4 rollouts of one prompt, the packed student stream holds the prompt once."""
-    import sdft_fast.model as model_module
+    import sdft_fast.packed_forward as packed_forward_module
 
     model = SelfDistillModel(_llama(), lora=LoraConfig(r=4, alpha=8))
     gen = torch.Generator().manual_seed(3)
-    prompt = _ids(gen, model_module.MIN_SHARED_PREFIX + 4)
+    prompt = _ids(gen, prefix_tree.MIN_SHARED_PREFIX + 4)
     completions = [_ids(gen, 5) for _ in range(4)]
     seen = []
-    original = model_module.prefix_tree_attention
+    original = packed_forward_module.prefix_tree_attention
 
     def spy(q, k, v, plan, scaling):
         seen.append(q.shape[0])
         return original(q, k, v, plan, scaling)
 
-    monkeypatch.setattr(model_module, "prefix_tree_attention", spy)
+    monkeypatch.setattr(packed_forward_module, "prefix_tree_attention", spy)
     model.forward_student([prompt] * 4, completions)
     rows_shared = seen[0]
     model.prefix_sharing = False

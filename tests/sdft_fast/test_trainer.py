@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_tiny_llama
 
+from sdft_fast import checkpoint as checkpoint_module
 from sdft_fast import trainer as trainer_module
+from sdft_fast.checkpoint import latest_checkpoint
+from sdft_fast.config import TrainConfig
 from sdft_fast.data import (
     DEFAULT_TEACHER_TEMPLATE,
     DataLimits,
@@ -22,18 +26,8 @@ from sdft_fast.data import (
     encode_examples,
     load_examples,
 )
-from sdft_fast.trainer import (
-    TrainConfig,
-    build_model,
-    cosine_with_warmup,
-    latest_checkpoint,
-    train,
-)
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from sdft_fast.schedule import planned_steps
+from sdft_fast.trainer import build_model, train
 
 ROWS = [
     {"prompt": "Where is Vellmar?", "demonstration": "Vellmar is in Drevia.", "answer": "Drevia"},
@@ -42,62 +36,9 @@ ROWS = [
 ]
 
 
-def make_byte_tokenizer():
-    """A byte-level tokenizer (256 byte tokens + 3 specials) with a ChatML-like chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    for token in specials:
-        vocab[token] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def save_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A random 2-layer Llama + the byte tokenizer saved as a local HF folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = make_byte_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny GEMMs: a second thread only adds synchronisation (10x slower on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +226,7 @@ def test_crash_during_save_keeps_last_good_checkpoint(
 ):
     config = tiny_config(tmp_path, max_steps=2, save_every=1)
     model = build_model(tiny_model_dir, config)
-    real_save_file = trainer_module.save_file
+    real_save_file = checkpoint_module.save_file
     calls = {"n": 0}
 
     def failing_save_file(tensors, filename, *args, **kwargs):
@@ -295,7 +236,7 @@ def test_crash_during_save_keeps_last_good_checkpoint(
             raise OSError("disk full (simulated)")
         return real_save_file(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "save_file", failing_save_file)
+    monkeypatch.setattr(checkpoint_module, "save_file", failing_save_file)
     with pytest.raises(OSError, match="simulated"):
         train(model, tokenizer, encoded, config)
     good = latest_checkpoint(tmp_path)
@@ -303,43 +244,9 @@ def test_crash_during_save_keeps_last_good_checkpoint(
     assert json.loads((good / "trainer_state.json").read_text())["step"] == 1
     assert not list(tmp_path.glob(".tmp-*"))
     # ...and training resumes from it.
-    monkeypatch.setattr(trainer_module, "save_file", real_save_file)
+    monkeypatch.setattr(checkpoint_module, "save_file", real_save_file)
     resumed = build_model(tiny_model_dir, config)
     assert train(resumed, tokenizer, encoded, config, resume_from="latest").steps == 2
-
-
-def test_cosine_schedule_with_warmup():
-    kwargs = dict(warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
-    assert cosine_with_warmup(0, **kwargs) == pytest.approx(1 / 3)
-    assert cosine_with_warmup(1, **kwargs) == pytest.approx(2 / 3)
-    assert cosine_with_warmup(2, **kwargs) == pytest.approx(1.0)
-    assert cosine_with_warmup(6, **kwargs) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert cosine_with_warmup(10, **kwargs) == pytest.approx(0.1)
-
-
-@pytest.mark.parametrize(
-    "field, value",
-    [
-        ("method", "dpo"),
-        ("teacher", "frozen"),
-        ("alpha", 1.5),
-        ("batch_size", 0),
-        ("max_steps", 0),
-        ("num_generations", 0),
-    ],
-)
-def test_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
-        TrainConfig(**{field: value})
-
-
-def test_num_generations_needs_sdft_and_whole_groups_per_micro_batch():
-    with pytest.raises(ValueError, match=r"TrainConfig.num_generations=3: must divide batch_size=8"):
-        TrainConfig(num_generations=3, batch_size=8)
-    with pytest.raises(ValueError, match=r"TrainConfig.num_generations=2: only method='sdft'"):
-        TrainConfig(method="sft", num_generations=2)
-    config = TrainConfig(num_generations=4, batch_size=8, grad_accum=2)
-    assert config.sequences_per_step == 16 and config.prompts_per_step == 4
 
 
 def test_num_generations_samples_each_prompt_several_times(tiny_model_dir, tokenizer, encoded, monkeypatch):
@@ -356,7 +263,7 @@ def test_num_generations_samples_each_prompt_several_times(tiny_model_dir, token
 
     monkeypatch.setattr(trainer_module.Trainer, "_sample", recording_sample)
     config = tiny_config(None, batch_size=4, num_generations=2, max_steps=None, epochs=2.0, max_new_tokens=12)
-    assert trainer_module.planned_steps(len(encoded), config) == 3  # 3 prompts x 2 epochs / 2 per step
+    assert planned_steps(len(encoded), config) == 3  # 3 prompts x 2 epochs / 2 per step
     model = build_model(tiny_model_dir, config)
     result = train(model, tokenizer, encoded, config)
     assert result.steps == 3 and len(seen) == 3

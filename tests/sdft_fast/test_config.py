@@ -1,0 +1,41 @@
+"""TrainConfig: every bad value is refused naming its field; the derived step sizes."""
+
+import pytest
+
+from sdft_fast.config import TrainConfig, flag_fields
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("method", "dpo"),
+        ("teacher", "frozen"),
+        ("alpha", 1.5),
+        ("batch_size", 0),
+        ("max_steps", 0),
+        ("num_generations", 0),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_num_generations_needs_sdft_and_whole_groups_per_micro_batch():
+    with pytest.raises(ValueError, match=r"TrainConfig.num_generations=3: must divide batch_size=8"):
+        TrainConfig(num_generations=3, batch_size=8)
+    with pytest.raises(ValueError, match=r"TrainConfig.num_generations=2: only method='sdft'"):
+        TrainConfig(method="sft", num_generations=2)
+    config = TrainConfig(num_generations=4, batch_size=8, grad_accum=2)
+    assert config.sequences_per_step == 16 and config.prompts_per_step == 4
+
+
+def test_lr_must_be_finite():
+    with pytest.raises(ValueError, match="TrainConfig.lr=inf: must be a finite number > 0"):
+        TrainConfig(lr=float("inf"))
+
+
+def test_every_flag_field_has_help_and_a_type():
+    for spec in flag_fields():
+        assert spec.metadata["help"], spec.name
+        assert spec.metadata.get("type") or spec.default is not None, spec.name
