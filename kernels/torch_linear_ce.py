@@ -1,7 +1,7 @@
 """Chunked linear cross-entropy and target log-probabilities (PyTorch; used by SFT and ratios).
 
 Per token: z = (W h + b) / tau, loss = lse(z) - z[target]. Never holds [N, V] logits: the
-vocabulary is swept in tiles with a running max / sum, as in ``torch_sdft``.
+vocabulary is swept in ``torch_tiles`` tiles with a running max / sum, as in ``torch_sdft``.
 
 Gradient w.r.t. z: p - onehot(target). With the LM head frozen the gradient w.r.t. h is
 ``sum_v p_v W_v / tau - W_target / tau``: accumulated online in the forward sweep (rescaled
@@ -14,11 +14,14 @@ from __future__ import annotations
 import math
 
 import torch
-from sdft_kernels.torch_sdft import (
+from sdft_kernels.torch_tiles import (
     DEFAULT_MEMORY_BUDGET_MB,
-    _compute_dtype,
-    _logit_tile,
-    accumulate_tile_grads,
+    compute_dtype,
+    logit_tile,
+    online_softmax_update,
+    recompute_grads,
+    scale_rows,
+    spans,
     tile_sizes,
 )
 
@@ -36,17 +39,12 @@ def _lse_chunk(hidden, weight, bias, inv_tau, vocab_tile, want_acc):
     """Running logsumexp over the vocabulary for one row chunk (+ sum_v p_v W_v if wanted)."""
     m = torch.full((hidden.shape[0],), -math.inf, device=hidden.device, dtype=hidden.dtype)
     sum_exp = torch.zeros_like(m)
-    acc = hidden.new_zeros(hidden.shape[0], weight.shape[1]) if want_acc else None
-    for v0 in range(0, weight.shape[0], vocab_tile):
-        v1 = min(v0 + vocab_tile, weight.shape[0])
-        z, w_tile = _logit_tile(hidden, weight, bias, v0, v1, inv_tau)  # [R, Vt]
-        new_m = torch.maximum(m, z.max(1).values)
-        scale = torch.exp(m - new_m)
-        e = torch.exp(z - new_m[:, None])
-        sum_exp = sum_exp * scale + e.sum(1)
+    acc = hidden.new_zeros(hidden.shape[0], weight.shape[1]) if want_acc else None  # [R, D]
+    for v0, v1 in spans(weight.shape[0], vocab_tile):
+        z, w_tile = logit_tile(hidden, weight, bias, v0, v1, inv_tau)  # [R, Vt]
+        m, scale, e, sum_exp = online_softmax_update(m, sum_exp, z)
         if want_acc:
             acc.mul_(scale[:, None]).addmm_(e, w_tile)
-        m = new_m
     lse = m + torch.log(sum_exp)
     return lse, (None if acc is None else acc / sum_exp[:, None])
 
@@ -57,7 +55,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, memory_budget_mb):
         # hidden: [N, D]; weight: [V, D]; bias: [V] | None; targets: [N] long
-        dtype = _compute_dtype(hidden.dtype)
+        dtype = compute_dtype(hidden.dtype)
         inv_tau = 1.0 / temperature
         rows, vocab_tile = tile_sizes(hidden.shape[0], weight.shape[0], memory_budget_mb)
         need_dh = ctx.needs_input_grad[0]
@@ -66,8 +64,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = hidden.new_empty(hidden.shape[0], dtype=dtype)
         lse = torch.empty_like(loss)
         dh = hidden.new_empty(hidden.shape, dtype=dtype) if dh_in_forward else None
-        for r0 in range(0, hidden.shape[0], rows):
-            r1 = min(r0 + rows, hidden.shape[0])
+        for r0, r1 in spans(hidden.shape[0], rows):
             h = hidden[r0:r1].to(dtype)
             lse[r0:r1], expected_w = _lse_chunk(h, weight, bias, inv_tau, vocab_tile, dh_in_forward)
             loss[r0:r1] = lse[r0:r1] - _target_logits(h, weight, bias, targets[r0:r1], inv_tau)
@@ -85,36 +82,26 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if ctx.dh_in_forward:
             (dh,) = ctx.saved_tensors
-            return (dh * grad_loss.to(dh.dtype)[:, None]).to(ctx.hidden_dtype), None, None, None, None, None
+            return scale_rows(dh, grad_loss, ctx.hidden_dtype), None, None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dtype = lse.dtype
         rows, vocab_tile = ctx.tiles
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = bias is not None and ctx.needs_input_grad[2]
-        dh = hidden.new_zeros(hidden.shape, dtype=dtype) if need_dh else None
-        dw = weight.new_zeros(weight.shape, dtype=dtype) if need_dw else None
-        db = weight.new_zeros(weight.shape[0], dtype=dtype) if need_db else None
-        for r0 in range(0, hidden.shape[0], rows):
-            r1 = min(r0 + rows, hidden.shape[0])
-            h = hidden[r0:r1].to(dtype)
-            go = grad_loss[r0:r1].to(dtype) * ctx.inv_tau
-            for v0 in range(0, weight.shape[0], vocab_tile):
-                v1 = min(v0 + vocab_tile, weight.shape[0])
-                z, w_tile = _logit_tile(h, weight, bias, v0, v1, ctx.inv_tau)
-                g = torch.exp(z - lse[r0:r1, None])  # p, then p - onehot(target)
+
+        def tile_grads(r0, r1, h):  # g = p - onehot(target) of the rows [r0, r1), tile by tile
+            for v0, v1 in spans(weight.shape[0], vocab_tile):
+                z, w_tile = logit_tile(h, weight, bias, v0, v1, ctx.inv_tau)  # [R, Vt]
+                g = torch.exp(z - lse[r0:r1, None])
                 local = targets[r0:r1] - v0
                 hit = (local >= 0) & (local < v1 - v0)
                 g[hit.nonzero().squeeze(1), local[hit]] -= 1.0
-                g.mul_(go[:, None])
-                accumulate_tile_grads(g, w_tile, h, None if dh is None else dh[r0:r1], dw, db, v0, v1)
-        return (
-            None if dh is None else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype),
-            None,
-            None,
-            None,
+                yield v0, v1, g, w_tile
+
+        needs = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
         )
+        dh, dw, db = recompute_grads(hidden, weight, bias, grad_loss, ctx.inv_tau, rows, needs, tile_grads)
+        return dh, dw, db, None, None, None
 
 
 def torch_linear_cross_entropy(

@@ -1,9 +1,9 @@
 """Chunked pure-PyTorch fused linear self-distillation loss (the CPU path and the fallback).
 
 Same semantics as ``sdft_kernels.reference.reference_token_losses``, without ever holding
-[N, V] logits: tokens are cut into row chunks of ``R`` rows and the vocabulary into tiles of
-``Vt`` columns, with ``R * Vt`` chosen so that the live fp32 tiles fit ``memory_budget_mb``
-whatever N and V are. Per token we keep flash-attention style running statistics:
+[N, V] logits: row chunks and vocabulary tiles as in ``torch_tiles``, sized so that the live
+fp32 tiles fit ``memory_budget_mb`` whatever N and V are. Per token we keep flash-attention
+style running statistics:
 
     m_s, l_s = running max and sum exp(z_s - m_s)       (student, z_s = (W h_s + b) / tau)
     m_t, l_t = the same for the teacher                  (z_t = (W h_t + b) / tau)
@@ -13,14 +13,17 @@ whatever N and V are. Per token we keep flash-attention style running statistics
     forward KL(T||S) = B / l_t - lse_t + lse_s
     reverse KL(S||T) = A / l_s - lse_s + lse_t
 
-When the max moves from m to m', every running sum scales by exp(m - m').
-
-Gradient w.r.t. z_s (then dh_s = g W / tau, dW = g^T h_s / tau, dbias = sum_rows g / tau):
+Gradient w.r.t. z_s (then dh_s = g W / tau, dW = g^T h_s / tau, dbias = sum_rows g / tau),
+with ``grad_center`` the p_s-weighted mean that the softmax Jacobian subtracts (see
+``sdft_kernels``):
     forward KL:  g = p_s - p_t
-    reverse KL:  g = p_s ((log p_s - log p_t) - KL_rev)
-    JSD(alpha):  g = (1 - alpha) p_s (log p_s - log m - KL(S||M)),  m = (1 - alpha) p_s + alpha p_t
-      (d/dp_s of alpha KL(T||M) + (1 - alpha) KL(S||M) is (1 - alpha)(log p_s - log m): the
-       terms in 1/m cancel; then the softmax Jacobian subtracts the p_s-weighted mean.)
+    reverse KL:  g = p_s ((z_s - z_t) - E_s[z_s - z_t])            grad_center = A / l_s
+      (d/dz_s of sum p_s (log p_s - log p_t) is p_s ((log p_s - log p_t) - KL); with
+       log p_s - log p_t = (z_s - z_t) - (lse_s - lse_t) and KL = E_s[z_s - z_t] - (lse_s - lse_t)
+       the lse terms cancel exactly.)
+    JSD(alpha):  g = (1 - alpha) p_s (log p_s - log m - KL(S||M))   grad_center = KL(S||M),
+      m = (1 - alpha) p_s + alpha p_t (d/dp_s of alpha KL(T||M) + (1 - alpha) KL(S||M) is
+      (1 - alpha)(log p_s - log m): the terms in 1/m cancel.)
 
 Two strategies, picked per call:
 
@@ -29,15 +32,15 @@ Two strategies, picked per call:
   value accumulator of flash attention and rescaled with the running max:
       forward KL: dh = (acc_s / l_s - acc_t / l_t) / tau,  acc_x = sum exp(z_x - m_x) W_v
       reverse KL: dh = (acc_A - (A / l_s) acc_s) / (l_s tau), acc_A = sum exp(z_s - m_s)(z_s - z_t) W_v
-  Cost: 4 GEMM-equivalents (z_s, z_t, and the two accumulators, each pair batched into one
-  GEMM) against the naive formula's 3, with no [N, V] traffic. JSD needs lse first, so it takes
-  a stats sweep plus a loss+accumulator sweep.
-* **stats in the forward, recompute in the backward** (the LM head or its bias requires grad,
-  or ``reduction="none"`` consumers that scale rows arbitrarily): the backward sweeps the
-  vocabulary again, rebuilding both logit tiles from the stored per-token floats, and forms
-  dh, dW, dbias with the incoming per-token gradient.
+  The JSD needs lse first, so it takes a statistics sweep, then a loss + accumulator sweep.
+  The backward only scales row n by the incoming gradient of token n.
+* **statistics in the forward, recompute in the backward** (the LM head or its bias requires
+  grad: dW sums over tokens, so the incoming per-token gradient must enter inside the sum): the
+  backward sweeps the vocabulary again, rebuilding both logit tiles from lse_s, lse_t and
+  grad_center, and forms dh, dW, dbias.
 
-Logits and statistics are fp32 whatever the input dtype; gradients return in the input dtype.
+Logits and statistics are fp32 (float64 for float64 inputs) whatever the input dtype;
+gradients return in the input dtype. Cost of each strategy: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -45,39 +48,16 @@ from __future__ import annotations
 import math
 
 import torch
-
-DEFAULT_MEMORY_BUDGET_MB = 32
-# Live fp32 [R, Vt] tiles at the peak of a vocabulary step (both logit tiles stacked, their
-# exponentials, and temporaries of the gradient formula).
-_LIVE_TILES = 8
-_MAX_ROWS = 1024  # larger row chunks give no faster GEMMs on CPU and only cost memory
-_MIN_VOCAB_TILE = 128
-
-
-def tile_sizes(num_tokens: int, vocab_size: int, memory_budget_mb: float) -> tuple[int, int]:
-    """Rows per chunk and vocabulary columns per tile for a memory budget (in MiB)."""
-    budget_elems = max(int(memory_budget_mb * 2**20) // (4 * _LIVE_TILES), 1)
-    # Prefer tall row chunks (each chunk reads all of W once), but keep tiles >= _MIN_VOCAB_TILE wide.
-    rows = max(1, min(num_tokens, _MAX_ROWS, budget_elems // _MIN_VOCAB_TILE))
-    vocab_tile = max(1, min(vocab_size, budget_elems // rows))
-    return rows, vocab_tile
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp32 statistics for fp32/bf16/fp16 inputs; float64 inputs (tests, gradcheck) stay float64.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _logit_tile(hidden, weight, bias, v0, v1, inv_tau):
-    """[R, Vt] logits (W[v0:v1] h + b[v0:v1]) / tau in the row chunk's (fp32/fp64) dtype."""
-    w_tile = weight[v0:v1].to(hidden.dtype)  # a view when the dtypes already agree
-    if bias is None:
-        z = hidden @ w_tile.T
-    else:
-        z = torch.addmm(bias[v0:v1].to(hidden.dtype), hidden, w_tile.T)
-    if inv_tau != 1.0:
-        z.mul_(inv_tau)
-    return z, w_tile
+from sdft_kernels.torch_tiles import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    compute_dtype,
+    logit_tile,
+    online_softmax_update,
+    recompute_grads,
+    scale_rows,
+    spans,
+    tile_sizes,
+)
 
 
 def _pair_logits(h_pair, weight, bias, v0, v1, inv_tau):
@@ -86,10 +66,10 @@ def _pair_logits(h_pair, weight, bias, v0, v1, inv_tau):
     One GEMM gives z_s and the logit *difference* z_d = W (h_t - h_s) / tau directly, instead of
     subtracting two independently rounded logits: near KL = 0 (student ~ teacher, where the
     divergence is ~1e-3) this keeps fp32 error well below the full-logit formula's.
-    Returns z_s, z_t, z_d ([R, Vt] each) and the fp32 weight tile.
+    Returns z_s, z_t, z_d ([R, Vt] each) and the weight tile in the compute dtype.
     """
     rows = h_pair.shape[0] // 2
-    z_pair, w_tile = _logit_tile(h_pair, weight, None, v0, v1, inv_tau)  # [2R, Vt]
+    z_pair, w_tile = logit_tile(h_pair, weight, None, v0, v1, inv_tau)  # [2R, Vt]
     z_s, z_d = z_pair[:rows], z_pair[rows:]
     if bias is not None:  # the bias cancels in z_d
         z_s = z_s + bias[v0:v1].to(z_s.dtype) * inv_tau
@@ -102,10 +82,9 @@ def _jsd_log_mixture(log_p_s, log_p_t, alpha):
 
 
 def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
-    """Statistics (and optionally dh) for one row chunk. Returns (loss, lse_s, lse_t, aux, dh)."""
+    """Statistics (and optionally dh) for one row chunk: (loss, lse_s, lse_t, grad_center, dh)."""
     rows = h_s.shape[0]
-    vocab = weight.shape[0]
-    dtype = _compute_dtype(h_s.dtype)
+    dtype = compute_dtype(h_s.dtype)
     h_s, h_t = h_s.to(dtype), h_t.to(dtype)
     h_pair = torch.cat([h_s, h_t - h_s])  # [2R, D]: one GEMM per tile for both logit sets
     m_s = torch.full((rows,), -math.inf, device=h_s.device, dtype=dtype)
@@ -119,17 +98,10 @@ def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
         acc = h_pair.new_zeros(2 * rows, weight.shape[1])  # [2R, D] stacked accumulators
 
     # Sweep 1: running max / sum for both distributions (+ A or B, + accumulators).
-    for v0 in range(0, vocab, vocab_tile):
-        v1 = min(v0 + vocab_tile, vocab)
+    for v0, v1 in spans(weight.shape[0], vocab_tile):
         z_s, z_t, z_d, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, inv_tau)  # [R, Vt] each
-        new_m_s = torch.maximum(m_s, z_s.max(dim=1).values)
-        new_m_t = torch.maximum(m_t, z_t.max(dim=1).values)
-        scale_s = torch.exp(m_s - new_m_s)  # 0 on the first tile (exp(-inf))
-        scale_t = torch.exp(m_t - new_m_t)
-        e_s = torch.exp(z_s - new_m_s[:, None])
-        e_t = torch.exp(z_t - new_m_t[:, None])
-        l_s = l_s * scale_s + e_s.sum(1)
-        l_t = l_t * scale_t + e_t.sum(1)
+        new_m_s, scale_s, e_s, l_s = online_softmax_update(m_s, l_s, z_s)
+        new_m_t, scale_t, e_t, l_t = online_softmax_update(m_t, l_t, z_t)
         if kl_mode:  # C = sum exp(z_s - m_s) expm1(z_d): lse_t - lse_s = log1p(C / l_s) exactly
             shift = shift * scale_s + (e_s * torch.expm1(z_d)).sum(1)
         if alpha == 1.0:  # A = sum exp(z_s - m_s)(z_s - z_t)
@@ -157,30 +129,30 @@ def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
     dh = None
     if alpha == 0.0:
         loss = cross / l_t - lse_gap
-        aux = loss
+        grad_center = torch.zeros_like(loss)  # g = p_s - p_t subtracts nothing
         if one_sweep_dh:
             dh = (acc[:rows] / l_s[:, None] - acc[rows:] / l_t[:, None]) * inv_tau
     elif alpha == 1.0:
-        mean_diff = cross / l_s  # E_{p_s}[z_s - z_t]
-        loss = mean_diff + lse_gap
-        aux = loss
+        grad_center = cross / l_s  # E_s[z_s - z_t]
+        loss = grad_center + lse_gap
         if one_sweep_dh:
-            dh = (acc[:rows] - mean_diff[:, None] * acc[rows:]) * (inv_tau / l_s)[:, None]
+            dh = (acc[:rows] - grad_center[:, None] * acc[rows:]) * (inv_tau / l_s)[:, None]
     else:
-        loss, aux, dh = _jsd_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh)
+        loss, grad_center, dh = _jsd_sweep(
+            h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh
+        )
     # Clamp tiny negative rounding (KL >= 0 mathematically).
-    return loss.clamp_min(0.0), lse_s, lse_t, aux, dh
+    return loss.clamp_min(0.0), lse_s, lse_t, grad_center, dh
 
 
 def _jsd_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh):
-    """Sweep 2 for the generalized JSD: its value (needs lse) and optionally dh."""
+    """Sweep 2 for the generalized JSD: its value (needs lse), KL(S||M) and optionally dh."""
     rows = lse_s.shape[0]
     kl_t_m = torch.zeros_like(lse_s)
     kl_s_m = torch.zeros_like(lse_s)
     if want_dh:
-        acc = h_pair.new_zeros(2 * rows, weight.shape[1])
-    for v0 in range(0, weight.shape[0], vocab_tile):
-        v1 = min(v0 + vocab_tile, weight.shape[0])
+        acc = h_pair.new_zeros(2 * rows, weight.shape[1])  # [2R, D]
+    for v0, v1 in spans(weight.shape[0], vocab_tile):
         z_s, z_t, _, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, inv_tau)
         log_p_s = z_s - lse_s[:, None]
         log_p_t = z_t - lse_t[:, None]
@@ -198,46 +170,34 @@ def _jsd_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, w
     return loss, kl_s_m, dh
 
 
-def _grad_tile(z_s, z_t, z_d, lse_s, lse_t, aux, alpha):
-    """dLoss/dz_s for one [R, Vt] tile, given the per-token stats of the forward."""
+def _grad_tile(z_s, z_t, z_d, lse_s, lse_t, grad_center, alpha):
+    """g = dLoss/dz_s for one [R, Vt] tile, given the per-token statistics of the forward."""
     log_p_s = z_s - lse_s[:, None]
-    log_p_t = z_t - lse_t[:, None]
     p_s = log_p_s.exp()
     if alpha == 0.0:
-        return p_s - log_p_t.exp()
-    if alpha == 1.0:  # aux = KL_rev; log p_s - log p_t = -z_d - (lse_s - lse_t)
-        return p_s * ((-z_d - (lse_s - lse_t)[:, None]) - aux[:, None])
-    log_m = _jsd_log_mixture(log_p_s, log_p_t, alpha)  # aux = KL(S||M)
-    return (1.0 - alpha) * p_s * ((log_p_s - log_m) - aux[:, None])
+        return p_s - (z_t - lse_t[:, None]).exp()
+    if alpha == 1.0:  # z_s - z_t = -z_d, the difference taken before rounding
+        return p_s * (-z_d - grad_center[:, None])
+    log_m = _jsd_log_mixture(log_p_s, z_t - lse_t[:, None], alpha)
+    return (1.0 - alpha) * p_s * ((log_p_s - log_m) - grad_center[:, None])
 
 
 def _forward_sweep(student_hidden, teacher_hidden, weight, bias, alpha, inv_tau, tiles, want_dh):
-    """Per-token (loss, lse_s, lse_t, aux) [N] and, if wanted, dh [N, D], one row chunk at a time."""
+    """Per-token (loss, lse_s, lse_t, grad_center) [N] and, if wanted, dh [N, D], chunk by chunk."""
     num_tokens = student_hidden.shape[0]
     rows, vocab_tile = tiles
-    dtype = _compute_dtype(student_hidden.dtype)
+    dtype = compute_dtype(student_hidden.dtype)
     loss = student_hidden.new_empty(num_tokens, dtype=dtype)
-    lse_s, lse_t, aux = torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss)
+    lse_s, lse_t, grad_center = torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss)
     dh = student_hidden.new_empty(student_hidden.shape, dtype=dtype) if want_dh else None
-    for r0 in range(0, num_tokens, rows):
-        r1 = min(r0 + rows, num_tokens)
+    for r0, r1 in spans(num_tokens, rows):
         out = _forward_chunk(
             student_hidden[r0:r1], teacher_hidden[r0:r1], weight, bias, alpha, inv_tau, vocab_tile, want_dh
         )
-        loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1] = out[:4]
+        loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1], grad_center[r0:r1] = out[:4]
         if want_dh:
             dh[r0:r1] = out[4]
-    return loss, lse_s, lse_t, aux, dh
-
-
-def accumulate_tile_grads(g, w_tile, hidden_chunk, dh_rows, dw, db, v0, v1):
-    """Add one [R, Vt] tile of dLoss/dz (already scaled per row) to dh rows, dW rows and dbias."""
-    if dh_rows is not None:
-        dh_rows.addmm_(g, w_tile)  # [R, D] += [R, Vt] @ [Vt, D]
-    if dw is not None:
-        dw[v0:v1].addmm_(g.T, hidden_chunk)  # [Vt, D] += [Vt, R] @ [R, D]
-    if db is not None:
-        db[v0:v1] += g.sum(0)
+    return loss, lse_s, lse_t, grad_center, dh
 
 
 class ChunkedSelfDistill(torch.autograd.Function):
@@ -254,7 +214,7 @@ class ChunkedSelfDistill(torch.autograd.Function):
         # The gradient is formed in the forward only when it is per-row (dh alone): then the
         # backward merely scales rows by grad_output. dW needs grad_output inside the sum.
         dh_in_forward = need_dh and not need_dw
-        loss, lse_s, lse_t, aux, dh = _forward_sweep(
+        loss, lse_s, lse_t, grad_center, dh = _forward_sweep(
             student_hidden, teacher_hidden, weight, bias, alpha, inv_tau, (rows, vocab_tile), dh_in_forward
         )
         ctx.alpha, ctx.inv_tau, ctx.tiles = alpha, inv_tau, (rows, vocab_tile)
@@ -262,45 +222,32 @@ class ChunkedSelfDistill(torch.autograd.Function):
         if dh_in_forward:
             ctx.save_for_backward(dh)
         elif need_dh or need_dw:
-            ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, lse_s, lse_t, aux)
+            ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, lse_s, lse_t, grad_center)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         # grad_loss: [N] dLoss/d(per-token divergence)
-        grad_loss = grad_loss.to(torch.float64 if ctx.student_dtype == torch.float64 else torch.float32)
         if ctx.dh_in_forward:
             (dh,) = ctx.saved_tensors
-            return (dh * grad_loss[:, None]).to(ctx.student_dtype), None, None, None, None, None, None
-        h_s, h_t, weight, bias, lse_s, lse_t, aux = ctx.saved_tensors
+            return scale_rows(dh, grad_loss, ctx.student_dtype), None, None, None, None, None, None
+        h_s, h_t, weight, bias, lse_s, lse_t, grad_center = ctx.saved_tensors
         rows, vocab_tile = ctx.tiles
-        need_dh = ctx.needs_input_grad[0]
-        need_dw = ctx.needs_input_grad[2]
-        need_db = bias is not None and ctx.needs_input_grad[3]
-        dtype = lse_s.dtype
-        dh = h_s.new_zeros(h_s.shape, dtype=dtype) if need_dh else None
-        dw = weight.new_zeros(weight.shape, dtype=dtype) if need_dw else None
-        db = weight.new_zeros(weight.shape[0], dtype=dtype) if need_db else None
-        for r0 in range(0, h_s.shape[0], rows):
-            r1 = min(r0 + rows, h_s.shape[0])
-            hs_chunk = h_s[r0:r1].to(dtype)
-            h_pair = torch.cat([hs_chunk, h_t[r0:r1].to(dtype) - hs_chunk])
-            go = grad_loss[r0:r1] * ctx.inv_tau  # fold 1/tau of dz/dh and dz/dW into the row scale
-            for v0 in range(0, weight.shape[0], vocab_tile):
-                v1 = min(v0 + vocab_tile, weight.shape[0])
+
+        def tile_grads(r0, r1, hs_chunk):  # g of the rows [r0, r1), one vocabulary tile at a time
+            h_pair = torch.cat([hs_chunk, h_t[r0:r1].to(hs_chunk.dtype) - hs_chunk])  # [2R, D]
+            stats = (lse_s[r0:r1], lse_t[r0:r1], grad_center[r0:r1])
+            for v0, v1 in spans(weight.shape[0], vocab_tile):
                 z_s, z_t, z_d, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, ctx.inv_tau)
-                g = _grad_tile(z_s, z_t, z_d, lse_s[r0:r1], lse_t[r0:r1], aux[r0:r1], ctx.alpha)
-                g.mul_(go[:, None])  # [R, Vt]
-                accumulate_tile_grads(g, w_tile, hs_chunk, None if dh is None else dh[r0:r1], dw, db, v0, v1)
-        return (
-            None if dh is None else dh.to(h_s.dtype),
-            None,
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype),
-            None,
-            None,
-            None,
+                yield v0, v1, _grad_tile(z_s, z_t, z_d, *stats, ctx.alpha), w_tile
+
+        needs = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[2],
+            bias is not None and ctx.needs_input_grad[3],
         )
+        dh, dw, db = recompute_grads(h_s, weight, bias, grad_loss, ctx.inv_tau, rows, needs, tile_grads)
+        return dh, None, dw, db, None, None, None
 
 
 def torch_token_losses(
