@@ -25,7 +25,7 @@ if not INTERPRETED and not torch.cuda.is_available():
     )
 pytest.importorskip("triton")
 
-from sdft_kernels import triton_sdft  # noqa: E402
+from sdft_kernels import triton_backward, triton_configs, triton_sdft  # noqa: E402
 from sdft_kernels.reference import reference_token_losses  # noqa: E402
 from sdft_kernels.triton_sdft import triton_token_losses  # noqa: E402
 
@@ -93,6 +93,27 @@ def assert_within_budget(
         assert torch.isfinite(mine).all(), f"{name} has non-finite values"
         err, ref_err = relative_error(mine, truth), relative_error(theirs, truth)
         assert err <= ref_err + tol, f"{name}: error {err:.3g} > same-dtype reference {ref_err:.3g} + {tol:g}"
+
+
+def use_grad_hidden_kernel(monkeypatch, variant):
+    """Make every device and dtype run the "direct" or the "staged" dh kernel; returns its name.
+
+    Staged also gives the fp32 CUDA config (direct by default) a stage; the stage widths (128
+    interpreted, 256 on CUDA) cut the test vocabularies into several stages, the last one short.
+    """
+    interp = {k: v for k, v in triton_configs.INTERPRETER_CONFIG.items() if k not in ("STAGE_V", "BLOCK_DH")}
+    fp32 = dict(triton_configs.FP32_CUDA_CONFIGS[0])
+    if variant == "staged":
+        interp.update(STAGE_V=128, BLOCK_DH=32)
+        fp32.update(STAGE_V=256, BLOCK_DH=32)
+        name, configs = "_sdft_grad_hidden_staged_kernel", triton_configs.STAGED_GRAD_HIDDEN_CONFIGS
+    else:
+        name, configs = "_sdft_grad_hidden_kernel", triton_configs.DIRECT_GRAD_HIDDEN_CONFIGS
+    monkeypatch.setattr(triton_configs, "INTERPRETER_CONFIG", interp)
+    monkeypatch.setattr(triton_configs, "FP32_CUDA_CONFIGS", (fp32,))
+    monkeypatch.setitem(triton_configs.CUDA_CONFIGS, "grad_hidden", configs)  # bf16/fp16 on CUDA
+    monkeypatch.setattr(triton_configs, "_WORKING_CONFIG", {})  # no config cached by earlier tests
+    return name
 
 
 # (N, D, V, dtype, alpha, temperature, bias, weight_grad): the alpha x temperature sweep on a
@@ -278,62 +299,6 @@ def test_bad_inputs_raise_clear_errors(change, match):
         )  # fmt: skip
 
 
-def test_cuda_config_fallback_and_cache(monkeypatch):
-    """A block config that fails to compile/launch falls through to the next; the working one
-    is cached. (Pure launcher logic: the kernels are replaced by a stub, so this runs anywhere.)"""
-    import contextlib
-
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setitem(
-        triton_sdft.CUDA_CONFIGS, "grad_hidden", ({"BLOCK_V": 256}, {"BLOCK_V": 128}, {"BLOCK_V": 64})
-    )
-    monkeypatch.setattr(triton_sdft, "_WORKING_CONFIG", {})
-    tried = []
-
-    def run(config):
-        tried.append(config["BLOCK_V"])
-        if config["BLOCK_V"] == 256:
-            raise RuntimeError("out of resources: shared memory")
-        return config["BLOCK_V"]
-
-    fake_cuda = torch.device("cuda", 0)
-    with pytest.warns(RuntimeWarning, match="retrying with the next config"):
-        assert triton_sdft._with_config(("grad_hidden", torch.bfloat16, 0), fake_cuda, run) == 128
-    assert triton_sdft._with_config(("grad_hidden", torch.bfloat16, 0), fake_cuda, run) == 128
-    assert tried == [256, 128, 128]  # the second call starts from the cached config
-
-    def always_fails(config):
-        raise RuntimeError(f"broken {config}")
-
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="broken"):
-        triton_sdft._with_config(("grad_hidden", torch.float16, 0), fake_cuda, always_fails)
-
-
-def test_cuda_config_cache_is_per_config_list(monkeypatch):
-    """A config cached from one list must not short-cut a different list that also contains it.
-
-    The GPU run of test_both_grad_hidden_kernels[...-staged] failed this way: the direct variant
-    cached DIRECT_GRAD_HIDDEN_CONFIGS[0] for (bf16, JSD, bias); the staged list ends with the
-    direct configs, so the staged variant started from the cached direct one and the staged
-    kernel never ran. (Launcher logic only: the kernels are replaced by a stub.)"""
-    import contextlib
-
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(triton_sdft, "_WORKING_CONFIG", {})
-    fake_cuda = torch.device("cuda", 0)
-    key = ("grad_hidden", torch.bfloat16, triton_sdft.MODE_JSD, True)
-    tried = []
-    run = lambda config: tried.append(config) or config  # noqa: E731
-    monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS)
-    assert triton_sdft._with_config(key, fake_cuda, run) == triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS[0]
-    monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS)
-    assert triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS[0] in triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS
-    first_staged = triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS[0]
-    assert "STAGE_V" in first_staged
-    assert triton_sdft._with_config(key, fake_cuda, run) == first_staged
-    assert triton_sdft._with_config(key, fake_cuda, run) == first_staged
-
-
 @pytest.mark.parametrize("variant", ["direct", "staged"])
 @pytest.mark.parametrize(
     "num_tokens,hidden,vocab,dtype,alpha",
@@ -347,22 +312,11 @@ def test_both_grad_hidden_kernels(monkeypatch, variant, num_tokens, hidden, voca
     """The direct dh kernel (g straight into the dh read-modify-write) and the staged one (g
     parked in a per-program slab, several tiles per stage, the last stage short) both stay
     within the error budget, whichever the default config picks for this dtype/device."""
-    interp = {k: v for k, v in triton_sdft.INTERPRETER_CONFIG.items() if k not in ("STAGE_V", "BLOCK_DH")}
-    fp32 = dict(triton_sdft.FP32_CUDA_CONFIGS[0])
-    if variant == "staged":
-        interp.update(STAGE_V=128, BLOCK_DH=32)
-        fp32.update(STAGE_V=256, BLOCK_DH=32)
-        kernel_name, low_precision = "_sdft_grad_hidden_staged_kernel", triton_sdft.STAGED_GRAD_HIDDEN_CONFIGS
-    else:
-        kernel_name, low_precision = "_sdft_grad_hidden_kernel", triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS
-    monkeypatch.setattr(triton_sdft, "INTERPRETER_CONFIG", interp)
-    monkeypatch.setattr(triton_sdft, "FP32_CUDA_CONFIGS", (fp32,))
-    monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", low_precision)
-    monkeypatch.setattr(triton_sdft, "_WORKING_CONFIG", {})  # no config cached by earlier tests
+    kernel_name = use_grad_hidden_kernel(monkeypatch, variant)
     launched = []
-    real_kernel = getattr(triton_sdft, kernel_name)
+    real_kernel = getattr(triton_backward, kernel_name)
     spy = type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or real_kernel[grid]})()
-    monkeypatch.setattr(triton_sdft, kernel_name, spy)
+    monkeypatch.setattr(triton_backward, kernel_name, spy)
     student, teacher, weight, bias = make_inputs(num_tokens, hidden, vocab, dtype, bias=True, seed=3)
     grad_out = torch.rand(num_tokens, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     assert_within_budget(
@@ -389,11 +343,7 @@ def test_bf16_jsd_gradients_are_the_rounded_exact_ones(monkeypatch, variant):
     test_cuda_scale.py's JSD case miss its budget. The JSD splits g into g_hi + g_lo (SPLIT_G):
     the error must equal that of bf16(exact) (tolerance 2e-4 of the max; rounded g gives
     ~3e-3 extra). V = 1000 spans 8 dh stages (the last one short) under the interpreter."""
-    if variant == "direct":
-        interp = {k: v for k, v in triton_sdft.INTERPRETER_CONFIG.items() if k not in ("STAGE_V", "BLOCK_DH")}
-        monkeypatch.setattr(triton_sdft, "INTERPRETER_CONFIG", interp)
-        monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS)
-        monkeypatch.setattr(triton_sdft, "_WORKING_CONFIG", {})
+    use_grad_hidden_kernel(monkeypatch, variant)
     student, teacher, weight, _ = make_inputs(
         20, 32, 1000, torch.bfloat16, bias=False, teacher_noise=0.5, logit_scale=2.0, seed=11
     )
@@ -422,7 +372,7 @@ def test_cuda_aligned_shape_fast_path(monkeypatch, alpha, weight_grad, variant):
     if DEVICE.type != "cuda":
         pytest.skip("the aligned fast path is only compiled on CUDA (too slow for the interpreter)")
     if variant == "direct":
-        monkeypatch.setitem(triton_sdft.CUDA_CONFIGS, "grad_hidden", triton_sdft.DIRECT_GRAD_HIDDEN_CONFIGS)
+        use_grad_hidden_kernel(monkeypatch, variant)
     student, teacher, weight, bias = make_inputs(300, 256, 2600, torch.bfloat16, bias=False, seed=5)
     grad_out = torch.rand(300, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     assert_within_budget(
