@@ -9,9 +9,12 @@ same completion tokens) and the LM head, and returns the SDFT objective without 
         hidden_t = teacher_model.model(...).last_hidden_state   # [B, T, D], same tokens
     loss = self_distill_loss(hidden_s, hidden_t, lm_head.weight, loss_mask=mask)
 
-Implementations (``impl``): ``"triton"`` (CUDA kernels), ``"torch"`` (chunked PyTorch, bounded
-memory, the CPU path), ``"reference"`` (full logits, for tests), ``"auto"`` (triton on CUDA when
-Triton imports, else torch).
+Implementations (``impl``), all from ``sdft_kernels``: ``"triton"`` (CUDA kernels),
+``"torch"`` (chunked PyTorch, bounded memory, the CPU path), ``"reference"`` (full logits, for
+tests), ``"auto"`` (triton on CUDA when Triton imports, else torch). This module validates the
+inputs, keeps only the tokens that count, picks the implementation and reduces the per-token
+losses; ``reduce_token_losses`` applies the same reductions to losses computed once with
+``reduction="none"`` (e.g. a weighted loss and an unweighted metric from one sweep).
 
 The teacher hidden states are a constant: a teacher tensor that requires grad is accepted and
 simply never receives a gradient (it is detached).
@@ -20,8 +23,19 @@ simply never receives a gradient (it is detached).
 from __future__ import annotations
 
 import math
+import os
+from typing import NamedTuple
 
 import torch
+from sdft_kernels.reference import reference_token_losses
+from sdft_kernels.torch_linear_ce import torch_linear_cross_entropy
+from sdft_kernels.torch_sdft import torch_token_losses
+from sdft_kernels.torch_tiles import DEFAULT_MEMORY_BUDGET_MB
+
+try:  # Triton ships for Linux only: without it, impl="auto" takes the torch twin
+    from sdft_kernels.triton_sdft import triton_token_losses
+except ImportError:
+    triton_token_losses = None
 
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -102,7 +116,7 @@ def _check_token_tensor(name, t, lead_shape, device, *, kind):
         raise ValueError(f"{name} must be a tensor of shape {tuple(lead_shape)}, got {type(t)!r}")
     if tuple(t.shape) != tuple(lead_shape):
         raise ValueError(
-            f"{name} has shape {tuple(t.shape)}, expected {tuple(lead_shape)} (the hidden states' leading dims)"
+            f"{name} has shape {tuple(t.shape)}, expected {tuple(lead_shape)} (one entry per token)"
         )
     if kind == "bool" and t.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor, got dtype {t.dtype}")
@@ -111,7 +125,7 @@ def _check_token_tensor(name, t, lead_shape, device, *, kind):
     if kind == "int" and (t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex()):
         raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the hidden states are on {device}")
+        raise ValueError(f"{name} is on {t.device} but the tokens are on {device}")
     if kind == "float" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN/inf values")
     return t
@@ -122,12 +136,12 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         # The kernels take fp32/bf16/fp16; float64 (tests, gradcheck) goes to the torch twin.
-        if device.type == "cuda" and dtype != torch.float64 and _triton_available():
+        if device.type == "cuda" and dtype != torch.float64 and triton_token_losses is not None:
             return "triton"
         return "torch"
+    if impl == "triton" and triton_token_losses is None:
+        raise ValueError("impl='triton' needs the triton package (Linux); use impl='torch'")
     if impl == "triton" and device.type != "cuda":
-        import os
-
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"impl='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run the "
@@ -136,53 +150,47 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return impl
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- reductions
 
 
-def _flatten(student_hidden, teacher_hidden, loss_mask, token_weights, sequence_ids, reduction):
-    """[B, T, D] / [N, D] inputs -> [N, D] views, [N] mask/weights, [N] sequence index, #sequences."""
-    lead = student_hidden.shape[:-1]
-    device = student_hidden.device
-    loss_mask = _check_token_tensor("loss_mask", loss_mask, lead, device, kind="bool")
-    token_weights = _check_token_tensor("token_weights", token_weights, lead, device, kind="float")
-    sequence_ids = _check_token_tensor("sequence_ids", sequence_ids, lead, device, kind="int")
-    hidden_dim = student_hidden.shape[-1]
-    if student_hidden.dim() == 3:
-        batch, steps = lead
+class _Tokens(NamedTuple):
+    """Which tokens count and which sequence each belongs to, for tokens laid out [B, T] or [N]."""
+
+    shape: torch.Size  # [B, T] or [N]: the layout of the tokens (and of reduction="none")
+    counted_idx: torch.Tensor  # [M] flat indices of the tokens that count (the mask's True)
+    weights: torch.Tensor | None  # [B * T] or [N] per-token multipliers
+    sequence_ids: torch.Tensor  # [B * T] or [N] dense sequence index 0..S-1 of every token
+    num_sequences: int  # S
+
+
+def _token_layout(shape, device, loss_mask, token_weights, sequence_ids, reduction) -> _Tokens:
+    """Validate the per-token arguments of a reduction against the tokens' ``shape``."""
+    loss_mask = _check_token_tensor("loss_mask", loss_mask, shape, device, kind="bool")
+    token_weights = _check_token_tensor("token_weights", token_weights, shape, device, kind="float")
+    sequence_ids = _check_token_tensor("sequence_ids", sequence_ids, shape, device, kind="int")
+    if len(shape) == 2:  # [B, T]: each row is a sequence unless sequence_ids says otherwise
+        batch, steps = shape
         if sequence_ids is None:
             sequence_ids = torch.arange(batch, device=device).repeat_interleave(steps)
             num_sequences = batch
         else:
             sequence_ids, num_sequences = _dense_ids(sequence_ids.reshape(-1))
+    elif sequence_ids is None:
+        if reduction == "sequence_mean":
+            raise ValueError(
+                "reduction='sequence_mean' with flat [N] tokens ([N, D] hidden states) needs "
+                "sequence_ids [N] (the sequence of each token); pass them or use reduction='token_mean'"
+            )
+        sequence_ids = torch.zeros(shape[0], dtype=torch.long, device=device)
+        num_sequences = 1
     else:
-        if sequence_ids is None:
-            if reduction == "sequence_mean":
-                raise ValueError(
-                    "reduction='sequence_mean' with [N, D] hidden states needs sequence_ids [N] "
-                    "(the sequence of each token); pass them or use reduction='token_mean'"
-                )
-            sequence_ids = torch.zeros(lead[0], dtype=torch.long, device=device)
-            num_sequences = 1
-        else:
-            sequence_ids, num_sequences = _dense_ids(sequence_ids)
-    flat = lambda t: None if t is None else t.reshape(-1)
-    teacher_flat = None if teacher_hidden is None else teacher_hidden.reshape(-1, hidden_dim)
-    return (
-        student_hidden.reshape(-1, hidden_dim),
-        teacher_flat,
-        flat(loss_mask),
-        flat(token_weights),
-        sequence_ids,
-        num_sequences,
-    )
+        sequence_ids, num_sequences = _dense_ids(sequence_ids)
+    if loss_mask is None:
+        counted_idx = torch.arange(shape.numel(), device=device)
+    else:
+        counted_idx = loss_mask.reshape(-1).nonzero().squeeze(1)
+    weights = None if token_weights is None else token_weights.reshape(-1)
+    return _Tokens(shape, counted_idx, weights, sequence_ids, num_sequences)
 
 
 def _dense_ids(ids: torch.Tensor):
@@ -192,25 +200,56 @@ def _dense_ids(ids: torch.Tensor):
     return inverse, int(unique.numel())
 
 
-def _reduce(
-    per_token, counted_idx, token_weights, sequence_ids, num_sequences, num_tokens, lead_shape, reduction
-):
-    """Combine the losses of the counted tokens (per_token: [M], fp32) as ``reduction`` says."""
-    if token_weights is not None:
-        per_token = per_token * token_weights[counted_idx].to(per_token.dtype)
+def _reduce(per_token: torch.Tensor, tokens: _Tokens, reduction: str) -> torch.Tensor:
+    """Combine the losses of the counted tokens (per_token: [M], in counted_idx order)."""
+    counted_idx = tokens.counted_idx
+    if tokens.weights is not None:
+        per_token = per_token * tokens.weights[counted_idx].to(per_token.dtype)
     if reduction == "none":
-        full = per_token.new_zeros(num_tokens).index_put((counted_idx,), per_token)
-        return full.reshape(lead_shape)
+        full = per_token.new_zeros(tokens.shape.numel()).index_put((counted_idx,), per_token)
+        return full.reshape(tokens.shape)
     if reduction == "sum":
         return per_token.sum()
     if reduction == "token_mean":
         return per_token.sum() / max(int(counted_idx.numel()), 1)
     # sequence_mean: per sequence, sum of weighted token losses over its number of counted tokens;
     # then the mean over all sequences (a sequence with no counted token contributes 0).
-    seq = sequence_ids[counted_idx]
-    sums = per_token.new_zeros(num_sequences).index_add(0, seq, per_token)
-    counts = torch.bincount(seq, minlength=num_sequences).clamp_min(1).to(per_token.dtype)
-    return (sums / counts).sum() / num_sequences
+    seq = tokens.sequence_ids[counted_idx]
+    sums = per_token.new_zeros(tokens.num_sequences).index_add(0, seq, per_token)
+    counts = torch.bincount(seq, minlength=tokens.num_sequences).clamp_min(1).to(per_token.dtype)
+    return (sums / counts).sum() / tokens.num_sequences
+
+
+def reduce_token_losses(
+    per_token: torch.Tensor,  # float [B, T] or [N]
+    *,
+    loss_mask: torch.Tensor | None = None,  # bool, shaped like per_token: which tokens count
+    token_weights: torch.Tensor | None = None,  # float, shaped like per_token: multipliers
+    sequence_ids: torch.Tensor | None = None,  # int, shaped like per_token: sequence of each token
+    reduction: str = "sequence_mean",
+) -> torch.Tensor:
+    """Reduce per-token losses exactly as :func:`self_distill_loss` reduces its own.
+
+    For one divergence sweep serving several reductions: compute
+    ``self_distill_loss(..., reduction="none")`` once (unweighted), then reduce it with and
+    without ``token_weights`` here. Same arguments, validation and semantics as the reduction
+    of ``self_distill_loss``: ``[B, T]`` losses make each row a sequence, ``[N]`` losses need
+    ``sequence_ids`` for ``"sequence_mean"``; masked tokens count for nothing whatever their
+    value. Differentiable w.r.t. ``per_token``.
+    """
+    if not isinstance(per_token, torch.Tensor) or per_token.dim() not in (1, 2):
+        raise ValueError(
+            "per_token must be a [B, T] or [N] tensor, got "
+            + (_describe(per_token) if isinstance(per_token, torch.Tensor) else repr(type(per_token)))
+        )
+    if not per_token.dtype.is_floating_point:
+        raise ValueError(f"per_token must be a floating-point tensor, got {_describe(per_token)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    tokens = _token_layout(
+        per_token.shape, per_token.device, loss_mask, token_weights, sequence_ids, reduction
+    )
+    return _reduce(per_token.reshape(-1).index_select(0, tokens.counted_idx), tokens, reduction)
 
 
 def _zero_loss(reduction, lead_shape, dtype, *tensors):
@@ -239,7 +278,7 @@ def self_distill_loss(
     sequence_ids: torch.Tensor | None = None,  # int [N]: sequence of each token ([N, D] inputs)
     reduction: str = "sequence_mean",
     impl: str = "auto",
-    memory_budget_mb: float = 32,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> torch.Tensor:
     """Self-distillation loss between the student's and the teacher's next-token distributions.
 
@@ -274,35 +313,30 @@ def self_distill_loss(
     _check_hidden_and_head(student_hidden, teacher_hidden, lm_head_weight, lm_head_bias)
     impl = _resolve_impl(impl, student_hidden.device, student_hidden.dtype)
     lead_shape = student_hidden.shape[:-1]
-    h_s, h_t, mask, weights, seq_ids, num_seq = _flatten(
-        student_hidden, teacher_hidden, loss_mask, token_weights, sequence_ids, reduction
+    tokens = _token_layout(
+        lead_shape, student_hidden.device, loss_mask, token_weights, sequence_ids, reduction
     )
-    num_tokens = h_s.shape[0]
+    hidden_dim = student_hidden.shape[-1]
+    h_s, h_t = student_hidden.reshape(-1, hidden_dim), teacher_hidden.reshape(-1, hidden_dim)  # [N, D]
     out_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
 
     # Only counted tokens reach the kernel: masked tokens cost no FLOPs.
-    if mask is None:
-        counted_idx = torch.arange(num_tokens, device=h_s.device)
-    else:
-        counted_idx = mask.nonzero().squeeze(1)
+    counted_idx = tokens.counted_idx
     if counted_idx.numel() == 0:
         return _zero_loss(reduction, lead_shape, out_dtype, student_hidden, lm_head_weight, lm_head_bias)
-    if counted_idx.numel() < num_tokens:
+    if counted_idx.numel() < h_s.shape[0]:
         h_s, h_t = h_s.index_select(0, counted_idx), h_t.index_select(0, counted_idx)
     h_s, h_t = h_s.contiguous(), h_t.detach().contiguous()
 
     per_token = _token_losses(
         h_s, h_t, lm_head_weight, lm_head_bias, float(alpha), float(temperature), impl, memory_budget_mb
     )
-    return _reduce(
-        per_token.to(out_dtype), counted_idx, weights, seq_ids, num_seq, num_tokens, lead_shape, reduction
-    )
+    return _reduce(per_token.to(out_dtype), tokens, reduction)
 
 
 def _token_losses(h_s, h_t, weight, bias, alpha, temperature, impl, memory_budget_mb):
+    """Per-token divergences [M] of the counted tokens by the chosen implementation."""
     if impl == "triton":
-        from sdft_kernels.triton_sdft import triton_token_losses
-
         return triton_token_losses(
             h_s,
             h_t,
@@ -312,13 +346,9 @@ def _token_losses(h_s, h_t, weight, bias, alpha, temperature, impl, memory_budge
             temperature=temperature,
         )
     if impl == "torch":
-        from sdft_kernels.torch_sdft import torch_token_losses
-
         return torch_token_losses(
             h_s, h_t, weight, bias, alpha=alpha, temperature=temperature, memory_budget_mb=memory_budget_mb
         )
-    from sdft_kernels.reference import reference_token_losses
-
     compute = torch.float64 if h_s.dtype == torch.float64 else torch.float32
     return reference_token_losses(
         h_s, h_t, weight, bias, alpha=alpha, temperature=temperature, compute_dtype=compute
@@ -334,7 +364,7 @@ class SelfDistillLoss(torch.nn.Module):
         temperature: float = 1.0,
         reduction: str = "sequence_mean",
         impl: str = "auto",
-        memory_budget_mb: float = 32,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     ):
         super().__init__()
         self.alpha, self.temperature, self.reduction = alpha, temperature, reduction
@@ -381,7 +411,7 @@ def linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     reduction: str = "sequence_mean",
     temperature: float = 1.0,
-    memory_budget_mb: float = 32,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> torch.Tensor:
     """Cross-entropy of ``targets`` under the LM head, chunked (the SFT baseline's loss).
 
@@ -401,27 +431,21 @@ def linear_cross_entropy(
             f"[{int(targets.min())}, {int(targets.max())}]"
         )
     lead_shape = hidden.shape[:-1]
-    h, _, mask, weights, seq_ids, num_seq = _flatten(
-        hidden, None, loss_mask, token_weights, sequence_ids, reduction
-    )
-    flat_targets = targets.reshape(-1)
+    tokens = _token_layout(lead_shape, hidden.device, loss_mask, token_weights, sequence_ids, reduction)
+    h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
     out_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    counted_idx = torch.arange(h.shape[0], device=h.device) if mask is None else mask.nonzero().squeeze(1)
+    counted_idx = tokens.counted_idx
     if counted_idx.numel() == 0:
         return _zero_loss(reduction, lead_shape, out_dtype, hidden, weight, bias)
-    from sdft_kernels.torch_linear_ce import torch_linear_cross_entropy
-
     per_token = torch_linear_cross_entropy(
         h.index_select(0, counted_idx),
         weight,
         bias,
-        flat_targets.index_select(0, counted_idx),
+        targets.reshape(-1).index_select(0, counted_idx),
         temperature=float(temperature),
         memory_budget_mb=memory_budget_mb,
     )
-    return _reduce(
-        per_token.to(out_dtype), counted_idx, weights, seq_ids, num_seq, h.shape[0], lead_shape, reduction
-    )
+    return _reduce(per_token.to(out_dtype), tokens, reduction)
 
 
 @torch.no_grad()
@@ -432,7 +456,7 @@ def token_logprobs(
     targets: torch.Tensor,  # long [N] (or [B, T])
     *,
     temperature: float = 1.0,
-    memory_budget_mb: float = 32,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> torch.Tensor:  # fp32 [N] (or [B, T]); no gradient
     """log p(target) under softmax((W h + b) / temperature), chunked; for importance ratios."""
     losses = linear_cross_entropy(

@@ -1,13 +1,16 @@
 """Public loss API: TRL-equal values, masks, weights, reductions, dtypes, errors."""
 
+import inspect
 import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from sdft_kernels.torch_tiles import DEFAULT_MEMORY_BUDGET_MB
 
 from sdft_fast import SelfDistillLoss, linear_cross_entropy, self_distill_loss, token_logprobs
+from sdft_fast.loss import REDUCTIONS, reduce_token_losses
 
 IMPLS = ["torch", "reference"]
 if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
@@ -74,6 +77,67 @@ def test_reductions_and_token_weights(impl):
     )
     seq = (wper.sum(1) / mask.sum(1).clamp(min=1)).mean()
     assert torch.allclose(self_distill_loss(h_s, h_t, w, reduction="sequence_mean", **kw), seq)
+
+
+def ragged_flat_batch():
+    """[N, D] tokens of four sequences of lengths 5, 1, 7, 5 with arbitrary labels; the
+    one-token sequence is masked out (it counts as a sequence contributing 0)."""
+    h_s, h_t, w, mask = batch()
+    d = h_s.shape[-1]
+    seq = torch.tensor([9] * 5 + [2] + [40] * 7 + [7] * 5)
+    mask = mask.reshape(-1).clone()
+    mask[5] = False
+    return h_s.reshape(-1, d), h_t.reshape(-1, d), w, mask, seq
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", ["batch", "flat"])
+def test_reduce_token_losses_equals_the_loss_reductions(layout, reduction):
+    """One unweighted reduction="none" sweep, reduced here with and without token weights,
+    gives self_distill_loss's own reductions: values and gradients (float64)."""
+    if layout == "batch":
+        h_s, h_t, w, mask = batch()
+        seq = None
+    else:
+        h_s, h_t, w, mask, seq = ragged_flat_batch()
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    student = h_s.clone().requires_grad_()
+    per = self_distill_loss(student, h_t, w, loss_mask=mask, sequence_ids=seq, reduction="none")
+    for token_weights in (None, weights):
+        kw = dict(loss_mask=mask, token_weights=token_weights, sequence_ids=seq, reduction=reduction)
+        ours = reduce_token_losses(per, **kw)
+        student_again = h_s.clone().requires_grad_()
+        expected = self_distill_loss(student_again, h_t, w, **kw)
+        assert ours.shape == expected.shape and ours.dtype == expected.dtype
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-15)
+        (grad_ours,) = torch.autograd.grad(ours.sum(), student, retain_graph=True)
+        (grad_expected,) = torch.autograd.grad(expected.sum(), student_again)
+        assert grad_ours.abs().max() > 0
+        torch.testing.assert_close(grad_ours, grad_expected, rtol=1e-12, atol=1e-15)
+        # Masked tokens count for nothing, whatever value they carry.
+        noisy = per.detach() + 1e3 * (~mask)
+        torch.testing.assert_close(reduce_token_losses(noisy, **kw), ours.detach(), rtol=1e-12, atol=1e-15)
+
+
+def test_reduce_token_losses_validates_like_the_loss():
+    per = torch.rand(3, 6)
+    with pytest.raises(ValueError, match="sequence_ids"):
+        reduce_token_losses(per.reshape(-1))
+    with pytest.raises(ValueError, match=r"loss_mask has shape \(3, 5\)"):
+        reduce_token_losses(per, loss_mask=torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_weights contains NaN"):
+        reduce_token_losses(per, token_weights=torch.full((3, 6), float("nan")))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        reduce_token_losses(per, reduction="mean")
+    with pytest.raises(ValueError, match="floating-point"):
+        reduce_token_losses(torch.ones(3, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"per_token must be a \[B, T\] or \[N\]"):
+        reduce_token_losses(per[None])
+
+
+def test_memory_budget_default_is_the_kernels_one():
+    for fn in (self_distill_loss, linear_cross_entropy, token_logprobs, SelfDistillLoss):
+        assert inspect.signature(fn).parameters["memory_budget_mb"].default == DEFAULT_MEMORY_BUDGET_MB
 
 
 def test_flat_inputs_take_sequences_from_sequence_ids():
