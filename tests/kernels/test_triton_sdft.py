@@ -319,17 +319,8 @@ def test_both_grad_hidden_kernels(monkeypatch, variant, num_tokens, hidden, voca
     monkeypatch.setattr(triton_backward, kernel_name, spy)
     student, teacher, weight, bias = make_inputs(num_tokens, hidden, vocab, dtype, bias=True, seed=3)
     grad_out = torch.rand(num_tokens, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    assert_within_budget(
-        student,
-        teacher,
-        weight,
-        bias,
-        grad_out,
-        alpha=alpha,
-        temperature=1.3,
-        weight_grad=False,
-        bias_grad=False,
-    )
+    kw = dict(alpha=alpha, temperature=1.3, weight_grad=False, bias_grad=False)
+    assert_within_budget(student, teacher, weight, bias, grad_out, **kw)
     assert launched, f"{kernel_name} did not run"
 
 
@@ -375,14 +366,5 @@ def test_cuda_aligned_shape_fast_path(monkeypatch, alpha, weight_grad, variant):
         use_grad_hidden_kernel(monkeypatch, variant)
     student, teacher, weight, bias = make_inputs(300, 256, 2600, torch.bfloat16, bias=False, seed=5)
     grad_out = torch.rand(300, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    assert_within_budget(
-        student,
-        teacher,
-        weight,
-        bias,
-        grad_out,
-        alpha=alpha,
-        temperature=1.0,
-        weight_grad=weight_grad,
-        bias_grad=False,
-    )
+    kw = dict(alpha=alpha, temperature=1.0, weight_grad=weight_grad, bias_grad=False)
+    assert_within_budget(student, teacher, weight, bias, grad_out, **kw)
