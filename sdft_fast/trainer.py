@@ -54,7 +54,7 @@ from sdft_fast.checkpoint import (
 from sdft_fast.config import TrainConfig
 from sdft_fast.data import EncodedExample
 from sdft_fast.lora import LoraConfig
-from sdft_fast.loss import linear_cross_entropy, self_distill_loss, token_logprobs
+from sdft_fast.loss import linear_cross_entropy, reduce_token_losses, self_distill_loss, token_logprobs
 from sdft_fast.model import PairBatch, SelfDistillModel
 from sdft_fast.sampling import pad_token_id, stop_token_ids
 from sdft_fast.schedule import DataCursor, make_optimizer, planned_steps
@@ -248,7 +248,9 @@ class Trainer:
                     )
                 token_weights = torch.exp(logp_now.float() - logp_rollout).clamp(max=config.importance_cap)
                 mean_ratio = float(token_weights[loss_mask].mean()) if bool(loss_mask.any()) else None
-        loss = self_distill_loss(
+        # One sweep over the vocabulary gives the per-token divergences; the loss weights them by
+        # the importance ratios, the metric does not.
+        per_token = self_distill_loss(
             out.student_hidden,
             out.teacher_hidden,
             self.model.lm_head_weight,
@@ -256,29 +258,19 @@ class Trainer:
             alpha=config.alpha,
             temperature=config.loss_temperature,
             loss_mask=loss_mask,
-            token_weights=token_weights,
             sequence_ids=out.sequence_ids,
-            reduction="sequence_mean",
+            reduction="none",
             impl=config.loss_impl,
+        )  # [N], 0 where masked
+        loss = reduce_token_losses(
+            per_token, loss_mask=loss_mask, token_weights=token_weights, sequence_ids=out.sequence_ids
         )
         if token_weights is None:
             divergence = float(loss.detach())
-        else:  # the unweighted divergence, for the metrics only
-            with torch.no_grad():
-                divergence = float(
-                    self_distill_loss(
-                        out.student_hidden.detach(),
-                        out.teacher_hidden,
-                        self.model.lm_head_weight.detach(),
-                        None if self.model.lm_head_bias is None else self.model.lm_head_bias.detach(),
-                        alpha=config.alpha,
-                        temperature=config.loss_temperature,
-                        loss_mask=loss_mask,
-                        sequence_ids=out.sequence_ids,
-                        reduction="sequence_mean",
-                        impl=config.loss_impl,
-                    )
-                )
+        else:
+            divergence = float(
+                reduce_token_losses(per_token.detach(), loss_mask=loss_mask, sequence_ids=out.sequence_ids)
+            )
         stats = {"sequences": len(keep), "tokens": int(loss_mask.sum()), "divergence": divergence}
         if mean_ratio is not None:
             stats["importance_ratio"] = mean_ratio
