@@ -10,8 +10,8 @@ BLOCK_D chunks) and folds them into per-token statistics or gradients straight a
 * backward (``triton_backward``): recomputes both logit tiles from those floats and forms
   dh, and dW / dbias when the LM head requires grad.
 
-The recompute design costs 5 GEMM-equivalents for loss + dh (the naive formula 3) and keeps
-extra memory to O(S * N) floats of statistics, 3 floats per token saved for backward, one
+The recompute design costs 5 GEMM-equivalents for loss + dh in the KL modes (the naive
+formula 3; the JSD 7, or 8 with the bf16/fp16 split of g) and keeps extra memory to O(S * N) floats of statistics, 3 floats per token saved for backward, one
 fp32 [N, D] buffer for dh (the result itself for fp32 inputs; staged: plus N * STAGE_V
 elements of slab, twice that for the JSD in bf16/fp16) and one fp32 [V, D] buffer for dW.
 Pointers are formed from int64 row/column indices (N*V and V*D pass 2^31). Cost model and
