@@ -11,11 +11,11 @@ BLOCK_D chunks) and folds them into per-token statistics or gradients straight a
   dh, and dW / dbias when the LM head requires grad.
 
 The recompute design costs 5 GEMM-equivalents for loss + dh in the KL modes (the naive
-formula 3; the JSD 7, or 8 with the bf16/fp16 split of g) and keeps extra memory to O(S * N) floats of statistics, 3 floats per token saved for backward, one
-fp32 [N, D] buffer for dh (the result itself for fp32 inputs; staged: plus N * STAGE_V
-elements of slab, twice that for the JSD in bf16/fp16) and one fp32 [V, D] buffer for dW.
-Pointers are formed from int64 row/column indices (N*V and V*D pass 2^31). Cost model and
-measurements: docs/kernels.md.
+formula 3; the JSD 7, or 8 with the bf16/fp16 split of g) and keeps extra memory to O(S * N)
+floats of statistics, 3 floats per token saved for backward, one fp32 [N, D] buffer for dh
+(the result itself for fp32 inputs; staged: plus N * STAGE_V elements of slab, twice that for
+the JSD in bf16/fp16) and one fp32 [V, D] buffer for dW. Pointers are formed from int64
+row/column indices (N*V and V*D pass 2^31). Cost model and measurements: docs/kernels.md.
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests): the interpreter's
 ``tl.dot`` cannot multiply bfloat16 (it stores them as uint16), so on CPU the dot operands are
