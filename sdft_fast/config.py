@@ -17,6 +17,9 @@ METHODS = ("sdft", "sft")  # self-distillation; the supervised baseline
 TEACHER_MODES = ("ema", "base", "live")  # EMA of the student; the frozen start model; the student itself
 LOSS_IMPLS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Where an SDFT rollout is sampled: the student prompt (on-policy, the paper's), the teacher prompt (the
+# same policy shown the demonstration, TRL's generate_from_teacher), or a mix of the two in each step.
+ROLLOUT_SOURCES = ("student", "teacher", "mix")
 
 
 def setting(default: Any, help: str, *, flag: bool = True, choices: tuple | None = None, type: Any = None):
@@ -61,6 +64,21 @@ class TrainConfig:
     teacher: str = setting("ema", "ema | base | live; must match the model's teacher", choices=TEACHER_MODES)
     ema_rate: float = setting(0.01, "EMA teacher rate per optimizer step")
     # -- rollouts
+    # On the student's own samples only the first tokens of a multi-token answer it does not know yet
+    # get the teacher's signal; the later ones are scored on its own wrong continuation. Sampling the
+    # completion under the teacher prompt puts the answer in the rollout (the policy is still the
+    # student's weights), at the price of training off-policy.
+    rollout_source: str = setting(
+        "student",
+        "where rollouts are sampled: student (the student prompt: on-policy), teacher (the same policy under "
+        "the teacher prompt, TRL's generate_from_teacher), mix (teacher-rollout-fraction of each step's "
+        "rollouts from the teacher prompt, the rest from the student's)",
+        choices=ROLLOUT_SOURCES,
+    )
+    teacher_rollout_fraction: float = setting(
+        0.5,
+        "with rollout-source mix: the expected fraction of each step's rollouts sampled under the teacher prompt",
+    )
     temperature: float = setting(1.0, "rollout sampling temperature")
     top_p: float = setting(1.0, "rollout nucleus sampling")
     top_k: int = setting(0, "rollout top-k sampling, 0 = off")
@@ -147,6 +165,20 @@ class TrainConfig:
                 "num_generations",
                 self.num_generations,
                 f"only method='sdft' samples rollouts (method={self.method!r})",
+            )
+        if self.rollout_source != "student" and self.method != "sdft":
+            fail(
+                "rollout_source",
+                self.rollout_source,
+                f"only method='sdft' samples rollouts (method={self.method!r})",
+            )
+        if not 0.0 <= self.teacher_rollout_fraction <= 1.0:
+            fail("teacher_rollout_fraction", self.teacher_rollout_fraction, "must lie in [0, 1]")
+        if self.rollout_source == "mix" and self.teacher_rollout_fraction in (0.0, 1.0):
+            fail(
+                "teacher_rollout_fraction",
+                self.teacher_rollout_fraction,
+                "a mix needs a fraction strictly between 0 and 1 (use rollout_source 'student' or 'teacher')",
             )
         if self.batch_size % self.num_generations:
             fail(

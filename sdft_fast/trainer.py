@@ -5,6 +5,8 @@ One optimizer step of ``method="sdft"`` reads top to bottom:
 1. take the next ``batch_size * grad_accum / num_generations`` prompts of the shuffled data;
 2. sample ``num_generations`` completions per prompt from the student (temperature 1.0), so a step
    always trains on ``batch_size * grad_accum`` sequences (the batch counts sequences, as in TRL);
+   ``rollout_source`` says under which prompt: the student's (on-policy), the teacher's (TRL's
+   ``generate_from_teacher``), or a seeded mix of the two;
 3. score every completion token twice in one shared-weight pass
    (``model.forward_pair``): the student sees the prompt, the teacher sees the
    prompt plus the demonstration;
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -111,6 +114,8 @@ class _Rollouts:
     completions: list[list[int]]  # token ids per prompt (EOS included when produced)
     rollout_logprobs: list[list[float]] | None  # per completion token, under the sampling policy
     passes_done: int = 0
+    # Which completions were sampled under the teacher prompt (None: none, as before the field existed).
+    from_teacher: list[bool] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,6 +133,28 @@ def _rollout_seed(seed: int, step: int, micro: int) -> int:
     """Sampling seed for one micro-batch: a function of (seed, step, micro-batch) alone, so the same
     step samples the same completions whether or not the run was resumed in between."""
     return (seed * 1_000_003 + step * 7919 + micro) % (2**63 - 1)
+
+
+def teacher_rollout_mask(config: TrainConfig, step: int, count: int) -> list[bool]:
+    """Which of a step's ``count`` rollouts are sampled under the teacher prompt.
+
+    ``mix`` takes ``floor(f * count)`` of them, plus one with probability ``frac(f * count)`` (so the
+    expected fraction is exactly ``f`` whatever the batch), at positions drawn at random; both draws
+    come from a generator seeded by (seed, step) alone, so a resumed run picks the same rows.
+    """
+    if config.rollout_source == "student":
+        return [False] * count
+    if config.rollout_source == "teacher":
+        return [True] * count
+    generator = torch.Generator().manual_seed(_rollout_seed(config.seed, step, 0) ^ 0x7EAC4E5)
+    expected = config.teacher_rollout_fraction * count
+    chosen = math.floor(expected) + int(
+        float(torch.rand((), generator=generator)) < expected - math.floor(expected)
+    )
+    mask = [False] * count
+    for position in torch.randperm(count, generator=generator)[:chosen].tolist():
+        mask[position] = True
+    return mask
 
 
 class Trainer:
@@ -164,11 +191,18 @@ class Trainer:
 
     def _sample(self, indices: list[int]) -> _Rollouts:
         """Sample one completion per entry of ``indices`` (a prompt repeated num_generations times gets
-        that many independent draws), micro-batch by micro-batch."""
+        that many independent draws), micro-batch by micro-batch, each under the student or the teacher
+        prompt as ``teacher_rollout_mask`` says; the student's weights sample both."""
         config = self.config
+        from_teacher = teacher_rollout_mask(config, self.step, len(indices))
         completions: list[list[int]] = []
-        for micro, chunk in enumerate(_micro_batches(indices, config.batch_size)):
-            prompts = [self.examples[i].student_prompt_ids for i in chunk]
+        for micro, (chunk, chunk_from_teacher) in enumerate(
+            zip(_micro_batches(indices, config.batch_size), _micro_batches(from_teacher, config.batch_size))
+        ):
+            prompts = [
+                self.examples[i].teacher_prompt_ids if teacher else self.examples[i].student_prompt_ids
+                for i, teacher in zip(chunk, chunk_from_teacher)
+            ]
             completions.extend(
                 self.model.generate(
                     prompts,
@@ -184,14 +218,17 @@ class Trainer:
             )
         rollout_logprobs = None
         if config.num_iterations > 1:
-            # The policy that sampled the rollouts, for the importance ratios of later passes.
+            # The policy that sampled the rollouts, for the importance ratios of later passes. Rollouts
+            # from the teacher prompt are off-policy by design and get none (weight 1, as in TRL).
             rollout_logprobs = []
             with torch.no_grad():
-                for chunk_indices, chunk_completions in zip(
-                    _micro_batches(indices, config.batch_size), _micro_batches(completions, config.batch_size)
+                for chunk_indices, chunk_completions, chunk_from_teacher in zip(
+                    _micro_batches(indices, config.batch_size),
+                    _micro_batches(completions, config.batch_size),
+                    _micro_batches(from_teacher, config.batch_size),
                 ):
                     prompts = [self.examples[i].student_prompt_ids for i in chunk_indices]
-                    nonempty = [j for j, c in enumerate(chunk_completions) if c]
+                    nonempty = [j for j, c in enumerate(chunk_completions) if c and not chunk_from_teacher[j]]
                     per_sequence: list[list[float]] = [[] for _ in chunk_completions]
                     if nonempty:
                         out = self.model.forward_student(
@@ -209,11 +246,18 @@ class Trainer:
                         ):
                             per_sequence[nonempty[row]] = values.tolist()
                     rollout_logprobs.extend(per_sequence)
-        return _Rollouts(example_indices=indices, completions=completions, rollout_logprobs=rollout_logprobs)
+        return _Rollouts(
+            example_indices=indices,
+            completions=completions,
+            rollout_logprobs=rollout_logprobs,
+            from_teacher=from_teacher,
+        )
 
     # -- losses ---------------------------------------------------------------
 
-    def _sdft_micro_loss(self, indices, completions, rollout_logprobs) -> tuple[torch.Tensor, dict] | None:
+    def _sdft_micro_loss(
+        self, indices, completions, rollout_logprobs, from_teacher
+    ) -> tuple[torch.Tensor, dict] | None:
         """Self-distillation loss of one micro-batch (sequence mean), or None when no token counts."""
         config = self.config
         keep = [j for j, c in enumerate(completions) if len(c) > config.skip_tokens]
@@ -237,10 +281,14 @@ class Trainer:
                     out.targets,
                     temperature=config.temperature,
                 )  # [N]
-                logp_rollout = torch.tensor(
-                    [v for j in keep for v in rollout_logprobs[j]],
-                    dtype=torch.float32,
-                    device=logp_now.device,
+                # Teacher-prompt rollouts take the current log-probs as their own: ratio 1.
+                logp_rollout = torch.cat(
+                    [
+                        logp_now[out.sequence_ids == row].float()
+                        if from_teacher[j]
+                        else torch.tensor(rollout_logprobs[j], dtype=torch.float32, device=logp_now.device)
+                        for row, j in enumerate(keep)
+                    ]
                 )  # [N]
                 if logp_rollout.shape != logp_now.shape:
                     raise RuntimeError(
@@ -308,6 +356,7 @@ class Trainer:
             rollouts = self.pending
             indices = rollouts.example_indices
             completions = rollouts.completions
+            from_teacher = rollouts.from_teacher or [False] * len(completions)
             lengths = [len(c) for c in completions]
             counted = sum(1 for n in lengths if n > config.skip_tokens)
         else:
@@ -329,7 +378,12 @@ class Trainer:
                     if rollouts.rollout_logprobs is None
                     else rollouts.rollout_logprobs[lo : lo + len(chunk)]
                 )
-                result = self._sdft_micro_loss(chunk, completions[lo : lo + len(chunk)], chunk_logprobs)
+                result = self._sdft_micro_loss(
+                    chunk,
+                    completions[lo : lo + len(chunk)],
+                    chunk_logprobs,
+                    from_teacher[lo : lo + len(chunk)],
+                )
             else:
                 result = self._sft_micro_loss(chunk)
             if result is None:
@@ -391,6 +445,7 @@ class Trainer:
             row["divergence"] = divergence_sum
             row["sample_s"] = sample_s
             row["sequences_counted"] = counted
+            row["teacher_rollouts"] = sum(from_teacher)
             if ratio_count:
                 row["importance_ratio"] = ratio_sum / ratio_count
         return row
@@ -428,9 +483,11 @@ class Trainer:
             "num_iterations",
             "num_generations",
             "teacher",
+            "rollout_source",
+            "teacher_rollout_fraction",
         ):
-            # Checkpoints from before num_generations existed sampled one rollout per prompt.
-            saved_value = saved.get(name, 1 if name == "num_generations" else None)
+            # Checkpoints from before a field existed ran with its default.
+            saved_value = saved.get(name, _FIELD_DEFAULTS.get(name))
             if saved_value != getattr(self.config, name):
                 raise ValueError(
                     f"{checkpoint}: saved with {name}={saved_value!r}, this run has "
@@ -446,6 +503,9 @@ class Trainer:
         )
         self.pending = _Rollouts.from_json(state.get("pending_rollouts"))
         self.completion_tokens_total = int(state.get("completion_tokens_total", 0))
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _split_by_sequence(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int):

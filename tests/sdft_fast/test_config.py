@@ -30,6 +30,19 @@ def test_num_generations_needs_sdft_and_whole_groups_per_micro_batch():
     assert config.sequences_per_step == 16 and config.prompts_per_step == 4
 
 
+def test_rollout_source_needs_sdft_and_a_proper_mix():
+    with pytest.raises(ValueError, match=r"TrainConfig.rollout_source='shared': must be one of"):
+        TrainConfig(rollout_source="shared")
+    with pytest.raises(ValueError, match=r"TrainConfig.rollout_source='teacher': only method='sdft'"):
+        TrainConfig(method="sft", rollout_source="teacher")
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"TrainConfig.teacher_rollout_fraction=.*strictly between"):
+            TrainConfig(rollout_source="mix", teacher_rollout_fraction=fraction)
+    with pytest.raises(ValueError, match=r"TrainConfig.teacher_rollout_fraction=1.5: must lie in \[0, 1\]"):
+        TrainConfig(teacher_rollout_fraction=1.5)
+    assert TrainConfig(rollout_source="mix", teacher_rollout_fraction=0.25).teacher_rollout_fraction == 0.25
+
+
 def test_lr_must_be_finite():
     with pytest.raises(ValueError, match="TrainConfig.lr=inf: must be a finite number > 0"):
         TrainConfig(lr=float("inf"))

@@ -143,15 +143,21 @@ def test_whole_loop_rollout_loss_step_ema_checkpoint_eval(tiny_model_dir, tokeni
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("num_iterations, num_generations", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    "num_iterations, num_generations, rollout_source",
+    [(1, 1, "student"), (2, 1, "student"), (1, 2, "student"), (2, 1, "mix"), (1, 1, "teacher")],
+)
 def test_resume_continues_exactly(
-    tiny_model_dir, tokenizer, encoded, tmp_path, num_iterations, num_generations
+    tiny_model_dir, tokenizer, encoded, tmp_path, num_iterations, num_generations, rollout_source
 ):
     """4 steps in one go == 2 steps, stop, resume from the checkpoint, 2 more (stop lands mid-pass
     for num_iterations=2 only at odd steps; 2 lands on a fresh rollout, so also test stop at 1).
-    num_generations=2: two rollouts of one prompt per step, the data cursor moving one prompt a step."""
+    num_generations=2: two rollouts of one prompt per step, the data cursor moving one prompt a step.
+    mix / teacher: rollouts (partly) sampled under the teacher prompt, the mix drawn per step."""
     stop = 1 if num_iterations == 2 else 2
-    knobs = dict(num_iterations=num_iterations, num_generations=num_generations)
+    knobs = dict(
+        num_iterations=num_iterations, num_generations=num_generations, rollout_source=rollout_source
+    )
     straight = build_model(tiny_model_dir, tiny_config(None, **knobs))
     straight_result = train(straight, tokenizer, encoded, tiny_config(None, **knobs))
 
@@ -274,3 +280,72 @@ def test_num_generations_samples_each_prompt_several_times(tiny_model_dir, token
         assert completions[0] != completions[1] or completions[2] != completions[3]
     assert sorted(prompts_used) == [0, 0, 1, 1, 2, 2]  # every prompt once per epoch
     assert all(row["completion_tokens"] > 0 for row in result.metrics)
+
+
+def _record_generate(model, calls):
+    """Wrap ``model.generate`` to record the prompts of each call."""
+    real_generate = model.generate
+
+    def recording_generate(prompts, **kwargs):
+        calls.append([list(p) for p in prompts])
+        return real_generate(prompts, **kwargs)
+
+    model.generate = recording_generate
+
+
+@pytest.mark.parametrize("rollout_source", ["student", "teacher"])
+def test_rollouts_are_sampled_under_the_prompt_the_source_names(
+    tiny_model_dir, tokenizer, encoded, rollout_source
+):
+    config = tiny_config(None, max_steps=3, rollout_source=rollout_source)
+    model = build_model(tiny_model_dir, config)
+    calls = []
+    _record_generate(model, calls)
+    result = train(model, tokenizer, encoded, config)
+    teacher_prompts = [e.teacher_prompt_ids for e in encoded]
+    student_prompts = [e.student_prompt_ids for e in encoded]
+    expected = teacher_prompts if rollout_source == "teacher" else student_prompts
+    assert len(calls) == 3
+    assert all(prompt in expected for call in calls for prompt in call)
+    assert all(teacher != student for teacher, student in zip(teacher_prompts, student_prompts))
+    counts = [row["teacher_rollouts"] for row in result.metrics]
+    assert counts == ([2, 2, 2] if rollout_source == "teacher" else [0, 0, 0])
+
+
+def test_mix_samples_its_fraction_under_the_teacher_prompt(tiny_model_dir, tokenizer, encoded):
+    """Per step: floor or ceil of fraction x batch rows, the teacher rows exactly those sampled under a
+    teacher prompt; the choice is a function of (seed, step), so it repeats and it varies over steps."""
+    config = tiny_config(None, max_steps=4, batch_size=4, rollout_source="mix", teacher_rollout_fraction=0.3)
+    model = build_model(tiny_model_dir, config)
+    calls = []
+    _record_generate(model, calls)
+    result = train(model, tokenizer, encoded, config)
+    teacher_prompts = [e.teacher_prompt_ids for e in encoded]
+    for step, (call, row) in enumerate(zip(calls, result.metrics)):
+        mask = trainer_module.teacher_rollout_mask(config, step, 4)
+        assert mask == trainer_module.teacher_rollout_mask(config, step, 4)
+        assert sum(mask) in (1, 2) and row["teacher_rollouts"] == sum(mask)
+        assert [prompt in teacher_prompts for prompt in call] == mask
+
+    # Over many steps the fraction is the one asked for: each step's count is floor(f n) + Bernoulli(frac),
+    # so the mean over S steps has standard deviation sqrt(p (1 - p) / S) / n; allow 5 of them.
+    steps, count = 4000, 8
+    for fraction in (0.3, 0.5, 0.9):
+        mix = tiny_config(None, rollout_source="mix", teacher_rollout_fraction=fraction, batch_size=count)
+        masks = [trainer_module.teacher_rollout_mask(mix, step, count) for step in range(steps)]
+        mean = sum(map(sum, masks)) / (steps * count)
+        p = fraction * count - math.floor(fraction * count)
+        assert abs(mean - fraction) <= 5 * math.sqrt(p * (1 - p) / steps) / count + 1e-12, (fraction, mean)
+        assert all(any(mask[i] for mask in masks) for i in range(count))  # every row is sometimes chosen
+
+
+def test_teacher_rollouts_get_no_importance_weight(tiny_model_dir, tokenizer, encoded):
+    """With several passes over one batch, student rollouts are reweighted by the drift of the student
+    since sampling; teacher-prompt rollouts are off-policy by design and keep weight 1 (as in TRL)."""
+    ratios = {}
+    for source in ("student", "teacher"):
+        config = tiny_config(None, max_steps=2, num_iterations=2, lr=5e-2, rollout_source=source)
+        model = build_model(tiny_model_dir, config)
+        ratios[source] = train(model, tokenizer, encoded, config).metrics[1]["importance_ratio"]
+    assert ratios["teacher"] == 1.0
+    assert ratios["student"] != 1.0
