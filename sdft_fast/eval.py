@@ -2,13 +2,17 @@
 
 - `answer_matches`: an answer counts when its normalised form is a whole-word span of the normalised
   prediction (case, whitespace and punctuation ignored).
-- `evaluate_accuracy`: greedy answers (`generate(..., do_sample=False)`) scored by `answer_matches`.
+- `reply_correct`: a row's reply is correct when it contains one of the row's accepted answers
+  (`answer_matches`) and, where the row has a `pattern` (a regular expression, e.g. an output format),
+  the raw reply matches it (`re.search`, `.` matching newlines); a row needs an answer or a pattern.
+- `evaluate_accuracy`: greedy answers (`generate(..., do_sample=False)`) scored by `reply_correct`.
   Works on a `SelfDistillModel` (student adapter active), on any object with the same `generate`
   method, and on a plain Hugging Face causal LM (wrapped by `HFGenerator`).
 - `retention_probes`: a built-in set of general questions that SmolLM2-135M-Instruct answers
   correctly before training; forgetting shows as a drop in this accuracy.
-- `reference_logprobs` + `kl_from_reference`: the mean per-token KL(trained || start) on general
-  prompts followed by the start model's own greedy continuations. The start model's log-probs are
+- `reference_logprobs` + `kl_from_reference` / `drift_from_reference`: the mean per-token KL(trained ||
+  start) on general prompts followed by the start model's own greedy continuations, and how much
+  less likely the trained model finds those continuations (mean NLL increase per token). The start model's log-probs are
   computed once before training and cached, so the comparison works the same for LoRA and for full
   fine-tuning (nothing relies on switching adapters off).
 """
@@ -26,6 +30,7 @@ import torch
 
 from sdft_fast.data import (
     DEFAULT_TEACHER_TEMPLATE,
+    DataError,
     EncodedExample,
     Example,
     encode_prompt,
@@ -64,6 +69,39 @@ def answer_matches(prediction: str, answers: str | Sequence[str]) -> bool:
         if f" {normalized_answer} " in normalized_prediction:
             return True
     return False
+
+
+PATTERN_FIELD = "pattern"  # an evaluation row's optional regular expression (kept in Example.meta)
+
+
+def reply_pattern(example: Example | EncodedExample) -> re.Pattern | None:
+    """The row's compiled ``pattern``, None without one; `DataError` (file, row, field) when it is not
+    a valid regular expression or the row has neither a pattern nor an answer to score by."""
+    pattern = example.meta.get(PATTERN_FIELD)
+    if pattern is None:
+        if not example.answers:
+            raise DataError(
+                example.source, example.row, "answer", "an evaluation row needs an answer or a pattern"
+            )
+        return None
+    if not isinstance(pattern, str) or not pattern:
+        raise DataError(
+            example.source, example.row, PATTERN_FIELD, f"must be a non-empty string, got {pattern!r}"
+        )
+    try:
+        return re.compile(pattern, flags=re.DOTALL)
+    except re.error as error:
+        raise DataError(
+            example.source, example.row, PATTERN_FIELD, f"is not a valid regular expression: {error}"
+        ) from error
+
+
+def reply_correct(prediction: str, answers: Sequence[str] | None, pattern: re.Pattern | None = None) -> bool:
+    """Every criterion the row gives holds: one of ``answers`` occurs (`answer_matches`), and the raw
+    reply matches ``pattern`` (`re.search`). A row with neither criterion is an error upstream."""
+    if answers and not answer_matches(prediction, answers):
+        return False
+    return pattern is None or pattern.search(prediction) is not None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,7 +174,8 @@ def evaluate_accuracy(
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE,
     use_chat_template: bool | None = None,
 ) -> dict:
-    """Greedy-decode an answer to each example and score it against `example.answers`.
+    """Greedy-decode an answer to each example and score it with `reply_correct` (its accepted
+    answers and, where the row has one, its pattern).
 
     view: "student" answers the bare prompt (what training should teach); "teacher" answers the teacher
       prompt (prompt + demonstration in context), i.e. what the teacher can do in-context, an upper
@@ -151,11 +190,8 @@ def evaluate_accuracy(
         )
     _as_generator(model)  # fail early for an object without generate
     prompts_ids = []
-    for index, example in enumerate(examples):
-        if not example.answers:
-            raise ValueError(
-                f"evaluate_accuracy: example {index} ({example.source}, row {example.row}) has no answer"
-            )
+    patterns = [reply_pattern(example) for example in examples]  # DataError before any decoding
+    for example in examples:
         if isinstance(example, EncodedExample):
             ids = example.teacher_prompt_ids if view == "teacher" else example.student_prompt_ids
         else:
@@ -169,15 +205,15 @@ def evaluate_accuracy(
         model, tokenizer, prompts_ids, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
     records = []
-    for example, completion in zip(examples, completions):
+    for example, pattern, completion in zip(examples, patterns, completions):
         prediction = tokenizer.decode(completion, skip_special_tokens=True)
         records.append(
             {
                 "row": example.row,
                 "source": example.source,
-                "answers": list(example.answers),
+                "answers": list(example.answers or []),
                 "prediction": prediction,
-                "correct": answer_matches(prediction, example.answers),
+                "correct": reply_correct(prediction, example.answers, pattern),
                 "meta": dict(example.meta),
             }
         )
@@ -346,11 +382,36 @@ def kl_from_reference(
         raise TypeError(
             f"kl_from_reference: reference must be ReferenceLogprobs or a callable, got {type(reference).__name__}"
         )
+    return _drift(model, prompt_ids, completions, reference_lp)["kl"]
+
+
+@torch.no_grad()
+def drift_from_reference(model, reference: ReferenceLogprobs) -> dict[str, float]:
+    """How far ``model`` moved from the start model on the cached general prompts, two ways:
+
+    kl: mean per-token KL(model || start), as `kl_from_reference`;
+    dnll: mean per-token increase of the negative log-likelihood of the start model's own greedy
+      continuation, NLL_model - NLL_start: a direct measure of how much less likely the trained model
+      finds what the start model would have said (0 unchanged, > 0 forgetting).
+    """
+    if not isinstance(reference, ReferenceLogprobs):
+        raise TypeError(
+            f"drift_from_reference: reference must be ReferenceLogprobs, got {type(reference).__name__}"
+        )
+    return _drift(model, reference.prompts, reference.completions, reference.logprobs)
+
+
+def _drift(model, prompt_ids, completions, reference_lp: torch.Tensor) -> dict[str, float]:
     model_lp = torch.log_softmax(completion_logits(model, prompt_ids, completions).float().cpu(), dim=-1)
     if model_lp.shape != reference_lp.shape:
         raise ValueError(
             f"kl_from_reference: model log-probs {tuple(model_lp.shape)} and reference "
             f"{tuple(reference_lp.shape)} differ in shape (different vocabulary or sequences?)"
         )
+    if model_lp.shape[0] == 0:
+        return {"kl": 0.0, "dnll": 0.0}
     per_token = (model_lp.exp() * (model_lp - reference_lp)).sum(dim=-1)  # [N]
-    return float(per_token.mean()) if per_token.numel() else 0.0
+    targets = torch.tensor([token for completion in completions for token in completion])  # [N]
+    rows = torch.arange(targets.numel())
+    dnll = reference_lp[rows, targets] - model_lp[rows, targets]  # [N]
+    return {"kl": float(per_token.mean()), "dnll": float(dnll.mean())}

@@ -7,16 +7,18 @@ import torch
 from helpers import byte_level_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sdft_fast.data import Example, encode_examples, encode_prompt
+from sdft_fast.data import Example, encode_examples, encode_prompt, load_examples
 from sdft_fast.eval import (
     HFGenerator,
     ReferenceLogprobs,
     answer_matches,
     completion_logits,
+    drift_from_reference,
     evaluate_accuracy,
     kl_from_reference,
     normalize_text,
     reference_logprobs,
+    reply_correct,
     retention_probes,
 )
 
@@ -128,6 +130,43 @@ def test_evaluate_accuracy_with_fake_generator(tokenizer):
     assert all(c["do_sample"] is False and c["max_new_tokens"] == 20 for c in fake.calls)
 
 
+@pytest.mark.parametrize(
+    "prediction, answers, pattern, expected",
+    [
+        ('{"answer": "Bern"}', None, r'^\s*\{\s*"answer"\s*:\s*"[^"]*"\s*\}', True),
+        ('Sure! {"answer": "Bern"}', None, r'^\s*\{\s*"answer"', False),  # the format must come first
+        ('{"answer": "Bern"}', ["Bern"], r'^\s*\{"answer"', True),  # both criteria hold
+        ('{"answer": "Zurich"}', ["Bern"], r'^\s*\{"answer"', False),  # format right, answer wrong
+        ("It is Bern.", ["Bern"], r'^\s*\{"answer"', False),  # answer right, format wrong
+        ("It is Bern.", ["Bern"], None, True),
+        ('{"answer":\n"x"}', None, r'\{"answer":.*"x"', True),  # "." matches newlines
+    ],
+)
+def test_reply_correct_needs_every_criterion_the_row_gives(prediction, answers, pattern, expected):
+    import re
+
+    compiled = None if pattern is None else re.compile(pattern, flags=re.DOTALL)
+    assert reply_correct(prediction, answers, compiled) is expected
+
+
+def test_evaluate_accuracy_scores_pattern_rows(tokenizer):
+    """A skill row (format only, the pattern in the row's meta as loaded from JSONL) next to a fact row."""
+    rows = load_examples(
+        [
+            {"prompt": "Capital of Peru? Reply in JSON.", "pattern": '^\\{"answer": "[^"]*"\\}$'},
+            {"prompt": "Capital of Chile? Reply in JSON.", "pattern": '^\\{"answer": "[^"]*"\\}$'},
+            {"prompt": "Capital of Chile?", "answer": ["Santiago"]},
+        ],
+        require_demonstration=False,
+    )
+    fake = FakeGenerator(
+        tokenizer,
+        {"Peru? Reply": '{"answer": "Lima"}', "Chile? Reply": "Santiago, in JSON", "Chile?": "Santiago."},
+    )
+    result = evaluate_accuracy(fake, tokenizer, rows)
+    assert [r["correct"] for r in result["records"]] == [True, False, True]
+
+
 def test_evaluate_accuracy_teacher_view_sees_the_demonstration(tokenizer):
     # The fake only knows the answer when the demonstration is in its prompt.
     example = Example("Who won the Zephrin Prize?", "Odalys Fenwright won it.", ["Fenwright"], row=1)
@@ -142,8 +181,14 @@ def test_evaluate_accuracy_teacher_view_sees_the_demonstration(tokenizer):
 
 def test_evaluate_accuracy_rejects_bad_arguments(tokenizer):
     fake = FakeGenerator(tokenizer, {})
-    with pytest.raises(ValueError, match="no answer"):
+    with pytest.raises(ValueError, match=r"f\.jsonl, row 4, field 'answer': .*needs an answer or a pattern"):
         evaluate_accuracy(fake, tokenizer, [Example("q", "d", None, row=4, source="f.jsonl")])
+    bad_pattern = Example("q", "d", None, row=5, source="f.jsonl", meta={"pattern": "{(unclosed"})
+    with pytest.raises(
+        ValueError, match=r"f\.jsonl, row 5, field 'pattern': is not a valid regular expression"
+    ):
+        evaluate_accuracy(fake, tokenizer, [bad_pattern])
+    assert fake.calls == []  # nothing decoded before the rows were checked
     with pytest.raises(ValueError, match="view"):
         evaluate_accuracy(fake, tokenizer, [Example("q", "d", ["a"])], view="both")
     with pytest.raises(TypeError, match="generate"):
@@ -259,6 +304,24 @@ def test_kl_from_reference_zero_for_start_model_and_matches_manual(tiny_model, t
     # A callable reference (logits of a frozen start copy) on the trained model's own continuations.
     def start_logits(prompt_ids, completion_ids):
         return completion_logits(tiny_model, prompt_ids, completion_ids)
+
+    # The NLL increase of the start model's own continuation, against a direct sum over its tokens.
+    drift_both = drift_from_reference(trained, reference)
+    assert drift_both["kl"] == pytest.approx(drift, rel=1e-6)
+    nll_start = nll_trained = 0.0
+    for prompt, completion in zip(reference.prompts, reference.completions):
+        for model, sign in ((tiny_model, -1.0), (trained, 1.0)):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].double()
+            logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+            total = -float(logp[torch.arange(len(completion)), torch.tensor(completion)].sum())
+            if sign > 0:
+                nll_trained += total
+            else:
+                nll_start += total
+    # float32 log-softmax of O(5) log-probs: rounding ~1e-6 per token, far below 1e-5.
+    assert drift_both["dnll"] == pytest.approx((nll_trained - nll_start) / n_tokens, abs=1e-5)
+    assert drift_from_reference(tiny_model, reference) == pytest.approx({"kl": 0.0, "dnll": 0.0}, abs=1e-5)
 
     drift_callable = kl_from_reference(trained, start_logits, tokenizer, prompts, max_new_tokens=5)
     assert drift_callable > 1e-4
