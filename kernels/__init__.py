@@ -7,6 +7,8 @@ teacher's next-token distributions, computed from hidden states and the LM head)
 - ``torch_sdft``: chunked pure-PyTorch autograd function (the CPU path and the fallback);
   ``torch_linear_ce``: its cross-entropy sibling (SFT loss, target log-probs);
   ``torch_tiles``: the row chunks, vocabulary tiles and second sweep both share.
+- ``torch_vocab_parallel``: the chunked twin with the LM head split by rows across the ranks of a
+  ``torch.distributed`` group (tensor parallel), statistics merged with one small all-gather.
 - ``triton_sdft``: vocabulary-tiled Triton kernels (CUDA; CPU under TRITON_INTERPRET=1), the
   public function over ``triton_forward`` (statistics and loss kernels), ``triton_backward``
   (dh and dW kernels), ``triton_tiles`` (the @triton.jit helpers they share) and

@@ -39,6 +39,10 @@ Two strategies, picked per call:
   backward sweeps the vocabulary again, rebuilding both logit tiles from lse_s, lse_t and
   grad_center, and forms dh, dW, dbias.
 
+The sweeps and the steps that finish them (``kl_sweep`` / ``kl_finish``, ``jsd_sweep`` /
+``jsd_finish``) are public: ``torch_vocab_parallel`` runs them over one rank's block of W rows and
+merges the statistics in between.
+
 Logits and statistics are fp32 (float64 for float64 inputs) whatever the input dtype;
 gradients return in the input dtype. Cost of each strategy: docs/kernels.md.
 """
@@ -46,6 +50,7 @@ gradients return in the input dtype. Cost of each strategy: docs/kernels.md.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from sdft_kernels.torch_tiles import (
@@ -60,7 +65,7 @@ from sdft_kernels.torch_tiles import (
 )
 
 
-def _pair_logits(h_pair, weight, bias, v0, v1, inv_tau):
+def pair_logits(h_pair, weight, bias, v0, v1, inv_tau):
     """Student and teacher logit tiles from h_pair = [h_s ; h_t - h_s] ([2R, D]).
 
     One GEMM gives z_s and the logit *difference* z_d = W (h_t - h_s) / tau directly, instead of
@@ -76,30 +81,44 @@ def _pair_logits(h_pair, weight, bias, v0, v1, inv_tau):
     return z_s, z_s + z_d, z_d, w_tile
 
 
+def stack_pair(h_s, h_t):
+    """[h_s ; h_t - h_s] ([2R, D]) in the compute dtype: one GEMM per tile for both logit sets."""
+    dtype = compute_dtype(h_s.dtype)
+    h_s = h_s.to(dtype)
+    return torch.cat([h_s, h_t.to(dtype) - h_s])
+
+
 def _jsd_log_mixture(log_p_s, log_p_t, alpha):
     # log m = log((1 - alpha) p_s + alpha p_t), computed stably in log space
     return torch.logaddexp(log_p_s + math.log1p(-alpha), log_p_t + math.log(alpha))
 
 
-def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
-    """Statistics (and optionally dh) for one row chunk: (loss, lse_s, lse_t, grad_center, dh)."""
-    rows = h_s.shape[0]
-    dtype = compute_dtype(h_s.dtype)
-    h_s, h_t = h_s.to(dtype), h_t.to(dtype)
-    h_pair = torch.cat([h_s, h_t - h_s])  # [2R, D]: one GEMM per tile for both logit sets
-    m_s = torch.full((rows,), -math.inf, device=h_s.device, dtype=dtype)
+class SweepStats(NamedTuple):
+    """Per-token running statistics of one row chunk over the vocabulary rows swept (all of W, or
+    one rank's shard of it, see ``torch_vocab_parallel``). Sums are relative to their max."""
+
+    m_s: torch.Tensor  # [R] max of z_s
+    l_s: torch.Tensor  # [R] sum exp(z_s - m_s)
+    m_t: torch.Tensor  # [R] max of z_t
+    l_t: torch.Tensor  # [R] sum exp(z_t - m_t)
+    cross: torch.Tensor  # [R] A = sum exp(z_s - m_s)(z_s - z_t) (alpha 1) or B (alpha 0); else 0
+    shift: torch.Tensor  # [R] C = sum exp(z_s - m_s) expm1(z_t - z_s) (KL modes); else 0
+    acc: torch.Tensor | None  # [2R, D] the dh accumulators of the one-sweep KL gradient, or None
+
+
+def kl_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, want_acc) -> SweepStats:
+    """Sweep 1 over the rows of ``weight``: running max / sum of both distributions (+ A or B and
+    C in the KL modes, + the dh accumulators when ``want_acc`` and alpha is 0 or 1)."""
+    rows = h_pair.shape[0] // 2
+    m_s = torch.full((rows,), -math.inf, device=h_pair.device, dtype=h_pair.dtype)
     m_t = m_s.clone()
     l_s, l_t = torch.zeros_like(m_s), torch.zeros_like(m_s)
     cross = torch.zeros_like(m_s)  # A (reverse KL) or B (forward KL)
     shift = torch.zeros_like(m_s)  # C, for an accurate lse_t - lse_s near KL = 0
     kl_mode = alpha in (0.0, 1.0)
-    one_sweep_dh = want_dh and kl_mode
-    if one_sweep_dh:
-        acc = h_pair.new_zeros(2 * rows, weight.shape[1])  # [2R, D] stacked accumulators
-
-    # Sweep 1: running max / sum for both distributions (+ A or B, + accumulators).
+    acc = h_pair.new_zeros(2 * rows, weight.shape[1]) if want_acc and kl_mode else None  # [2R, D]
     for v0, v1 in spans(weight.shape[0], vocab_tile):
-        z_s, z_t, z_d, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, inv_tau)  # [R, Vt] each
+        z_s, z_t, z_d, w_tile = pair_logits(h_pair, weight, bias, v0, v1, inv_tau)  # [R, Vt] each
         new_m_s, scale_s, e_s, l_s = online_softmax_update(m_s, l_s, z_s)
         new_m_t, scale_t, e_t, l_t = online_softmax_update(m_t, l_t, z_t)
         if kl_mode:  # C = sum exp(z_s - m_s) expm1(z_d): lse_t - lse_s = log1p(C / l_s) exactly
@@ -109,7 +128,7 @@ def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
             cross = cross * scale_s + weighted.sum(1)
         elif alpha == 0.0:  # B = sum exp(z_t - m_t)(z_t - z_s)
             cross = cross * scale_t + (e_t * z_d).sum(1)
-        if one_sweep_dh:
+        if acc is not None:
             if alpha == 0.0:  # acc = [sum e_s W ; sum e_t W]
                 acc[:rows].mul_(scale_s[:, None])
                 acc[rows:].mul_(scale_t[:, None])
@@ -118,42 +137,51 @@ def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
                 acc.mul_(torch.cat([scale_s, scale_s])[:, None])
                 acc.addmm_(torch.cat([weighted, e_s]), w_tile)
         m_s, m_t = new_m_s, new_m_t
+    return SweepStats(m_s, l_s, m_t, l_t, cross, shift, acc)
 
-    lse_s = m_s + torch.log(l_s)
-    lse_t = m_t + torch.log(l_t)
+
+def log_sum_exps(stats: SweepStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse_s, lse_t) [R] of statistics that cover the whole vocabulary."""
+    return stats.m_s + torch.log(stats.l_s), stats.m_t + torch.log(stats.l_t)
+
+
+def kl_finish(stats: SweepStats, alpha, inv_tau):
+    """Forward / reverse KL from whole-vocabulary statistics: (loss, lse_s, lse_t, grad_center, dh);
+    dh [R, D] from ``stats.acc`` (None without), linear in it (a rank's share of acc gives its
+    share of dh)."""
+    lse_s, lse_t = log_sum_exps(stats)
+    l_s, l_t, acc = stats.l_s, stats.l_t, stats.acc
     # lse_t - lse_s = log sum p_s exp(z_d) = log1p(C / l_s): no cancellation between two ~log V
     # sized numbers when the student is close to the teacher. Fall back to the plain difference
     # where C overflowed (z_d > ~88) or rounded to <= -l_s.
-    ratio = shift / l_s
+    ratio = stats.shift / l_s
     lse_gap = torch.where(torch.isfinite(ratio) & (ratio > -1.0), torch.log1p(ratio), lse_t - lse_s)
+    rows = l_s.shape[0]
     dh = None
     if alpha == 0.0:
-        loss = cross / l_t - lse_gap
+        loss = stats.cross / l_t - lse_gap
         grad_center = torch.zeros_like(loss)  # g = p_s - p_t subtracts nothing
-        if one_sweep_dh:
+        if acc is not None:
             dh = (acc[:rows] / l_s[:, None] - acc[rows:] / l_t[:, None]) * inv_tau
-    elif alpha == 1.0:
-        grad_center = cross / l_s  # E_s[z_s - z_t]
-        loss = grad_center + lse_gap
-        if one_sweep_dh:
-            dh = (acc[:rows] - grad_center[:, None] * acc[rows:]) * (inv_tau / l_s)[:, None]
     else:
-        loss, grad_center, dh = _jsd_sweep(
-            h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh
-        )
+        grad_center = stats.cross / l_s  # E_s[z_s - z_t]
+        loss = grad_center + lse_gap
+        if acc is not None:
+            dh = (acc[:rows] - grad_center[:, None] * acc[rows:]) * (inv_tau / l_s)[:, None]
     # Clamp tiny negative rounding (KL >= 0 mathematically).
     return loss.clamp_min(0.0), lse_s, lse_t, grad_center, dh
 
 
-def _jsd_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh):
-    """Sweep 2 for the generalized JSD: its value (needs lse), KL(S||M) and optionally dh."""
+def jsd_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_acc):
+    """Sweep 2 of the generalized JSD over the rows of ``weight`` (needs the whole-vocabulary lse):
+    the sums KL(T||M), KL(S||M) over those rows and, when ``want_acc``, the dh accumulators
+    [sum p_s (log p_s - log m) W ; sum p_s W] ([2R, D])."""
     rows = lse_s.shape[0]
     kl_t_m = torch.zeros_like(lse_s)
     kl_s_m = torch.zeros_like(lse_s)
-    if want_dh:
-        acc = h_pair.new_zeros(2 * rows, weight.shape[1])  # [2R, D]
+    acc = h_pair.new_zeros(2 * rows, weight.shape[1]) if want_acc else None  # [2R, D]
     for v0, v1 in spans(weight.shape[0], vocab_tile):
-        z_s, z_t, _, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, inv_tau)
+        z_s, z_t, _, w_tile = pair_logits(h_pair, weight, bias, v0, v1, inv_tau)
         log_p_s = z_s - lse_s[:, None]
         log_p_t = z_t - lse_t[:, None]
         log_m = _jsd_log_mixture(log_p_s, log_p_t, alpha)
@@ -161,16 +189,35 @@ def _jsd_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, w
         s_term = p_s * (log_p_s - log_m)
         kl_t_m += (p_t * (log_p_t - log_m)).sum(1)
         kl_s_m += s_term.sum(1)
-        if want_dh:  # acc = [sum p_s (log p_s - log m) W ; sum p_s W]
+        if acc is not None:
             acc.addmm_(torch.cat([s_term, p_s]), w_tile)
+    return kl_t_m, kl_s_m, acc
+
+
+def jsd_finish(kl_t_m, kl_s_m, acc, alpha, inv_tau):
+    """The JSD's (loss, grad_center = KL(S||M), dh) from whole-vocabulary sums; dh linear in acc."""
     loss = alpha * kl_t_m + (1.0 - alpha) * kl_s_m
     dh = None
-    if want_dh:
+    if acc is not None:
+        rows = kl_s_m.shape[0]
         dh = (1.0 - alpha) * inv_tau * (acc[:rows] - kl_s_m[:, None] * acc[rows:])
-    return loss, kl_s_m, dh
+    return loss.clamp_min(0.0), kl_s_m, dh
 
 
-def _grad_tile(z_s, z_t, z_d, lse_s, lse_t, grad_center, alpha):
+def _forward_chunk(h_s, h_t, weight, bias, alpha, inv_tau, vocab_tile, want_dh):
+    """Statistics (and optionally dh) for one row chunk: (loss, lse_s, lse_t, grad_center, dh)."""
+    h_pair = stack_pair(h_s, h_t)  # [2R, D]
+    stats = kl_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, want_dh)
+    if alpha in (0.0, 1.0):
+        return kl_finish(stats, alpha, inv_tau)
+    # The JSD needs lse first: a second sweep for its value and accumulators.
+    lse_s, lse_t = log_sum_exps(stats)
+    kl_t_m, kl_s_m, acc = jsd_sweep(h_pair, weight, bias, alpha, inv_tau, vocab_tile, lse_s, lse_t, want_dh)
+    loss, grad_center, dh = jsd_finish(kl_t_m, kl_s_m, acc, alpha, inv_tau)
+    return loss, lse_s, lse_t, grad_center, dh
+
+
+def grad_tile(z_s, z_t, z_d, lse_s, lse_t, grad_center, alpha):
     """g = dLoss/dz_s for one [R, Vt] tile, given the per-token statistics of the forward."""
     log_p_s = z_s - lse_s[:, None]
     p_s = log_p_s.exp()
@@ -235,11 +282,11 @@ class ChunkedSelfDistill(torch.autograd.Function):
         rows, vocab_tile = ctx.tiles
 
         def tile_grads(r0, r1, hs_chunk):  # g of the rows [r0, r1), one vocabulary tile at a time
-            h_pair = torch.cat([hs_chunk, h_t[r0:r1].to(hs_chunk.dtype) - hs_chunk])  # [2R, D]
+            h_pair = stack_pair(hs_chunk, h_t[r0:r1])  # [2R, D]
             stats = (lse_s[r0:r1], lse_t[r0:r1], grad_center[r0:r1])
             for v0, v1 in spans(weight.shape[0], vocab_tile):
-                z_s, z_t, z_d, w_tile = _pair_logits(h_pair, weight, bias, v0, v1, ctx.inv_tau)
-                yield v0, v1, _grad_tile(z_s, z_t, z_d, *stats, ctx.alpha), w_tile
+                z_s, z_t, z_d, w_tile = pair_logits(h_pair, weight, bias, v0, v1, ctx.inv_tau)
+                yield v0, v1, grad_tile(z_s, z_t, z_d, *stats, ctx.alpha), w_tile
 
         needs = (
             ctx.needs_input_grad[0],

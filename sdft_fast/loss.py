@@ -31,6 +31,7 @@ from sdft_kernels.reference import reference_token_losses
 from sdft_kernels.torch_linear_ce import torch_linear_cross_entropy
 from sdft_kernels.torch_sdft import torch_token_losses
 from sdft_kernels.torch_tiles import DEFAULT_MEMORY_BUDGET_MB
+from sdft_kernels.torch_vocab_parallel import vocab_parallel_token_losses
 
 try:  # Triton ships for Linux only: without it, impl="auto" takes the torch twin
     from sdft_kernels.triton_sdft import triton_token_losses
@@ -279,6 +280,7 @@ def self_distill_loss(
     reduction: str = "sequence_mean",
     impl: str = "auto",
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    process_group=None,  # torch.distributed group splitting the vocabulary (tensor parallel)
 ) -> torch.Tensor:
     """Self-distillation loss between the student's and the teacher's next-token distributions.
 
@@ -299,6 +301,13 @@ def self_distill_loss(
     Gradients flow to ``student_hidden``, and to the weight and bias only when they require grad;
     never to ``teacher_hidden``. Returns fp32 (fp64 for fp64 inputs); gradients come back in the
     inputs' dtype. An all-False mask gives 0 and zero gradients.
+
+    ``process_group``: the LM head is split by vocabulary rows across the group's ranks (tensor
+    parallel, ``sdft_kernels.torch_vocab_parallel``): ``lm_head_weight`` and ``lm_head_bias`` are
+    this rank's block of rows (``vocab_shard``), every rank passes the same hidden states, mask,
+    weights and settings, and gets the unsharded loss; dh is summed across the ranks in the
+    backward, dW / dbias are this rank's block's. A collective: every rank must call it.
+    ``impl`` "auto" or "torch"; ``torch.distributed.group.WORLD`` splits over every rank.
     """
     if not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
         raise ValueError(f"alpha must be a number in [0, 1] (0 forward KL, 1 reverse KL), got {alpha!r}")
@@ -312,6 +321,10 @@ def self_distill_loss(
         raise ValueError("teacher_hidden is required (a tensor shaped like student_hidden)")
     _check_hidden_and_head(student_hidden, teacher_hidden, lm_head_weight, lm_head_bias)
     impl = _resolve_impl(impl, student_hidden.device, student_hidden.dtype)
+    if process_group is not None and impl not in ("auto", "torch"):
+        raise ValueError(
+            f"process_group (vocabulary-parallel loss) runs with impl='torch', got impl={impl!r}"
+        )
     lead_shape = student_hidden.shape[:-1]
     tokens = _token_layout(
         lead_shape, student_hidden.device, loss_mask, token_weights, sequence_ids, reduction
@@ -322,12 +335,24 @@ def self_distill_loss(
 
     # Only counted tokens reach the kernel: masked tokens cost no FLOPs.
     counted_idx = tokens.counted_idx
-    if counted_idx.numel() == 0:
+    if counted_idx.numel() == 0 and process_group is None:  # the ranks of a group meet in the kernel
         return _zero_loss(reduction, lead_shape, out_dtype, student_hidden, lm_head_weight, lm_head_bias)
     if counted_idx.numel() < h_s.shape[0]:
         h_s, h_t = h_s.index_select(0, counted_idx), h_t.index_select(0, counted_idx)
     h_s, h_t = h_s.contiguous(), h_t.detach().contiguous()
 
+    if process_group is not None:
+        per_token = vocab_parallel_token_losses(
+            h_s,
+            h_t,
+            lm_head_weight,
+            lm_head_bias,
+            alpha=float(alpha),
+            temperature=float(temperature),
+            process_group=process_group,
+            memory_budget_mb=memory_budget_mb,
+        )
+        return _reduce(per_token.to(out_dtype), tokens, reduction)
     per_token = _token_losses(
         h_s, h_t, lm_head_weight, lm_head_bias, float(alpha), float(temperature), impl, memory_budget_mb
     )

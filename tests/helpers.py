@@ -146,3 +146,41 @@ def save_tiny_llama(folder, seed: int = 0):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def run_ranks(fn, world_size: int, tmp_path, *args, timeout_s: float = 120.0):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked processes joined by a gloo
+    process group (a file store under ``tmp_path``); return each rank's return value, in rank
+    order. Forked, not spawned: the children inherit the imported torch and transformers (a
+    fresh interpreter costs seconds on the shared CI machine). A rank that raises fails the call
+    with its traceback; ranks still running after ``timeout_s`` are killed and fail it too.
+    """
+    import os
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    folder = Path(tmp_path) / f"ranks-{time.monotonic_ns()}"
+    folder.mkdir(parents=True)
+
+    def main(rank):
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, init_method=f"file://{folder / 'store'}"
+        )
+        try:
+            torch.save(fn(rank, world_size, *args), folder / f"result-{rank}.pt")
+        finally:
+            dist.destroy_process_group()
+
+    context = mp.start_processes(main, nprocs=world_size, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    os.kill(process.pid, 9)
+            raise TimeoutError(f"run_ranks: ranks still running after {timeout_s} s")
+    return [torch.load(folder / f"result-{rank}.pt", weights_only=False) for rank in range(world_size)]
