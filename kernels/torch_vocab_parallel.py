@@ -9,7 +9,8 @@ per-token statistics are relative to its own running max, so they merge exactly:
     M_s = max_r m_s^r,   l_s = sum_r l_s^r exp(m_s^r - M_s)   (C and A likewise)
     M_t = max_r m_t^r,   l_t = sum_r l_t^r exp(m_t^r - M_t)   (B likewise)
 
-with one all-gather of the [6, N] statistics per call: every rank merges the same gathered
+with one all-gather of the [6, N] statistics per call (after a 4-number header that checks that
+every rank passed the same tokens and settings): every rank merges the same gathered
 tensor in rank order, so the merged values are bitwise equal on every rank whatever the timing
 or the backend's reduction order. The generalized JSD needs the whole-vocabulary lse before its
 value, so it gathers a second time: its [2, N] partial sums KL(T||M), KL(S||M).
@@ -23,8 +24,8 @@ replicated h_s.
 
 No rank ever holds [N, V] logits or more than its block of the head. Per rank: the twin's
 [R, Vt] tiles, plus the [2N, D] accumulators (compute dtype) when dh is formed in the forward
-(KL modes, frozen head); communication per call: (6 + 1) x N + header floats per rank in the
-forward (8 x N for the JSD), N x D in the backward.
+(KL modes, frozen head). Communication per call and rank: 6 x N floats (8 x N for the JSD) in
+the forward, N x D in the backward.
 """
 
 from __future__ import annotations
