@@ -177,14 +177,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: str | os.PathLike,
-    *,
-    model: SelfDistillModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-) -> dict[str, Any]:
-    """Restore model, teacher, optimizer, scheduler and RNG states; return the trainer state."""
+def load_model_state(path: str | os.PathLike, *, model: SelfDistillModel) -> dict[str, Any]:
+    """Restore only the model's trainable weights and EMA teacher from a checkpoint (e.g. to start
+    the next stage of a continual run where the last one ended); return the trainer state."""
     path = Path(path)
     state_file = path / TRAINER_STATE_FILE
     if not state_file.is_file():
@@ -201,6 +196,19 @@ def load_checkpoint(
     teacher = load_file(str(path / "teacher.safetensors"), device=str(device))
     if teacher:
         model.load_teacher_state_dict(teacher)
+    return trainer_state
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: SelfDistillModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+) -> dict[str, Any]:
+    """Restore model, teacher, optimizer, scheduler and RNG states; return the trainer state."""
+    path = Path(path)
+    trainer_state = load_model_state(path, model=model)
     optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer_structure = json.loads((path / "optimizer.json").read_text())
     # load_state_dict moves the moments to each parameter's device and dtype.

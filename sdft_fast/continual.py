@@ -1,0 +1,320 @@
+"""Continual learning: train a plan's stages in order from one start and score every task after each.
+
+The runner builds the model once and scores every stage's evaluation rows, the probe sets and the
+drift from the start model before any training (row 0 of the accuracy matrix); then it trains stage 1
+and scores everything again, trains stage 2 from where stage 1 ended (the same adapter and, with an
+EMA teacher, the same teacher; a fresh optimizer and learning-rate schedule per stage), and so on.
+The plan comes from :mod:`sdft_fast.continual_plan`; :mod:`sdft_fast.continual_report` turns the
+result into the matrix, the transfer metrics, Markdown, CSV and a plot.
+
+Resume: stage ``i`` trains in ``stage-<i>-<name>/`` under the run's folder, with checkpoints every
+``save_every`` steps, and ``continual_state.json`` records each evaluation as soon as it is done. A
+rerun with the same plan and settings continues where the last one stopped: inside a stage from its
+newest checkpoint, at a stage boundary from the previous stage's last checkpoint; so a crash loses
+at most the steps since the last checkpoint. A different plan in the same folder is refused, naming
+what differs, unless ``restart=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sdft_fast.config import TrainConfig
+from sdft_fast.continual_plan import DEFAULT_KIND, Plan, PlanError, Stage, stage_configs
+from sdft_fast.data import DataError, DataLimits, Example, encode_examples
+
+STATE_FILE = "continual_state.json"
+STATE_VERSION = 1
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring after each stage
+# ----------------------------------------------------------------------------------------------------
+
+Evaluation = dict[str, Any]  # {"tasks", "probes", "drift", "records"}: see Evaluator.__call__
+
+
+class Evaluator:
+    """Scores a model on every stage's evaluation rows, the probe sets and the drift from the start.
+
+    ``reference`` holds the start model's log-probs (:func:`sdft_fast.eval.reference_logprobs`),
+    taken before any training. All rows are decoded greedily in one batched pass.
+    """
+
+    def __init__(self, tokenizer, plan: Plan, reference=None):
+        self.tokenizer = tokenizer
+        self.plan = plan
+        self.reference = reference
+
+    def __call__(self, model, after_stage: int) -> Evaluation:
+        from sdft_fast.eval import drift_from_reference, evaluate_accuracy
+
+        groups = [(stage.name, stage.eval) for stage in self.plan.stages]
+        groups += [(f"probes:{probes.name}", probes.rows) for probes in self.plan.probes]
+        rows = [row for _, group in groups for row in group]
+        result = evaluate_accuracy(
+            model,
+            self.tokenizer,
+            rows,
+            max_new_tokens=self.plan.eval_max_new_tokens,
+            batch_size=self.plan.eval_batch_size,
+        )
+        records = result["records"]
+        evaluation: Evaluation = {"tasks": {}, "probes": {}, "records": {}}
+        offset = 0
+        for name, group in groups:
+            mine = records[offset : offset + len(group)]
+            offset += len(group)
+            evaluation["records"][name] = mine
+            if name.startswith("probes:"):
+                evaluation["probes"][name[len("probes:") :]] = _tally(mine)
+            else:
+                stage = next(s for s in self.plan.stages if s.name == name)
+                evaluation["tasks"][name] = task_scores(stage, [r["correct"] for r in mine])
+        if self.reference is not None:
+            evaluation["drift"] = drift_from_reference(model, self.reference)
+        return evaluation
+
+    def in_context(self, model) -> dict[str, list[int]]:
+        """The start model's accuracy with each row's demonstration in its prompt (the stage's teacher
+        template): what the teacher can do, the ceiling self-distillation trains toward. Only stages
+        whose scored rows all carry a demonstration."""
+        from sdft_fast.eval import evaluate_accuracy
+
+        out = {}
+        for stage in self.plan.stages:
+            rows = [stage.eval[i] for i in stage.score_rows()]
+            if not rows or not all(row.demonstration for row in rows):
+                continue
+            result = evaluate_accuracy(
+                model,
+                self.tokenizer,
+                rows,
+                max_new_tokens=self.plan.eval_max_new_tokens,
+                batch_size=self.plan.eval_batch_size,
+                view="teacher",
+                teacher_template=stage.teacher_template,
+            )
+            out[stage.name] = [result["correct"], result["n"]]
+        return out
+
+
+def _tally(records: Sequence[dict]) -> list[int]:
+    return [sum(bool(r["correct"]) for r in records), len(records)]
+
+
+def task_scores(stage: Stage, correct: Sequence[bool]) -> dict[str, Any]:
+    """One task's entry: ``score`` = [correct, n] over its scored rows, ``kinds`` = per kind."""
+    kinds: dict[str, list[int]] = {}
+    for row, ok in zip(stage.eval, correct):
+        tally = kinds.setdefault(row.meta.get("kind", DEFAULT_KIND), [0, 0])
+        tally[0] += bool(ok)
+        tally[1] += 1
+    scored = [bool(correct[i]) for i in stage.score_rows()]
+    return {"score": [sum(scored), len(scored)], "kinds": kinds}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[continual {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _rows_digest(rows: Sequence[Example]) -> str:
+    payload = [[row.prompt, row.demonstration, row.answers, row.meta] for row in rows]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_identity(plan: Plan, configs: Sequence[TrainConfig], method: str, model_name: str) -> dict[str, Any]:
+    """What a run's results depend on; a resume must find the same (``_first_difference`` names a change)."""
+    volatile = {"output_dir", "progress", "tensorboard"}
+    return {
+        "method": method,
+        "model": model_name,
+        "eval": {"max_new_tokens": plan.eval_max_new_tokens, "batch_size": plan.eval_batch_size},
+        "probes": [{"name": p.name, "rows": _rows_digest(p.rows)} for p in plan.probes],
+        "stages": [
+            {
+                "name": stage.name,
+                "train": _rows_digest(stage.train),
+                "eval": _rows_digest(stage.eval),
+                "score": stage.score,
+                "teacher_template": stage.teacher_template,
+                "config": {k: v for k, v in config.to_dict().items() if k not in volatile},
+            }
+            for stage, config in zip(plan.stages, configs)
+        ],
+    }
+
+
+def _first_difference(saved: Any, current: Any, path: str = "") -> str | None:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            found = _first_difference(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        for index, (a, b) in enumerate(zip(saved, current)):
+            found = _first_difference(a, b, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    return None if saved == current else f"{path}: saved {saved!r}, now {current!r}"
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
+
+
+def same_plan(state: dict[str, Any], other: dict[str, Any]) -> bool:
+    """True when two runs (e.g. SDFT and SFT) trained and scored the same stages and probes."""
+
+    def data(identity: dict[str, Any]) -> Any:
+        stages = [(s["name"], s["train"], s["eval"], s["score"]) for s in identity["stages"]]
+        return stages, identity["probes"], identity["eval"], identity["model"]
+
+    return data(state["identity"]) == data(other["identity"])
+
+
+def load_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(run_dir) / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_continual(
+    plan: Plan,
+    *,
+    model_path: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    method: str = "sdft",
+    overrides: dict[str, Any] | None = None,
+    tokenizer=None,
+    limits: DataLimits | None = None,
+    evaluator_factory: Callable[[Any, Any, Plan], Callable[[Any, int], Evaluation]] | None = None,
+    start: dict[str, Any] | None = None,
+    restart: bool = False,
+) -> dict[str, Any]:
+    """Train ``plan``'s stages in order with ``method`` and score every task after each; resumable.
+
+    evaluator_factory: ``(model, tokenizer, plan) -> evaluate(model, after_stage)``, called once with
+      the start model (default: :class:`Evaluator` with the start model's drift reference).
+    start: the start model's evaluation from another run of the same plan and start (e.g. the SDFT
+      run's, reused by the SFT run), instead of scoring the start model again.
+    Returns the run's state (also in ``run_dir/continual_state.json``): ``evaluations``, the start
+    model's first and then one per stage (with that stage's training summary under ``train``), and
+    the run's ``identity``. The replies behind each evaluation go to ``run_dir/answers/``.
+    """
+    from sdft_fast.checkpoint import latest_checkpoint, load_model_state
+    from sdft_fast.default_model import load_tokenizer
+    from sdft_fast.eval import reference_logprobs
+    from sdft_fast.trainer import build_model, train
+
+    run_dir = Path(run_dir)
+    configs = stage_configs(plan, method, run_dir, overrides)  # bad settings fail before any model work
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
+    encoded = []
+    for number, (stage, config) in enumerate(zip(plan.stages, configs), start=1):
+        try:
+            encoded.append(
+                encode_examples(
+                    stage.train,
+                    tokenizer,
+                    limits=limits,
+                    teacher_template=stage.teacher_template,
+                    check_demonstration_length=config.method == "sft",
+                )
+            )
+        except DataError as error:
+            raise PlanError(plan.source, str(error), stage=number, name=stage.name, key="train") from error
+    identity = run_identity(plan, configs, method, Path(model_path).name)
+
+    state = None if restart else load_state(run_dir)
+    if state is not None:
+        difference = _first_difference(state.get("identity"), identity)
+        if state.get("version") != STATE_VERSION or difference:
+            raise ValueError(
+                f"{run_dir / STATE_FILE} belongs to a different run ({difference or 'older format'}); "
+                "use another output folder, or restart to discard it"
+            )
+    elif run_dir.exists() and restart:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = {
+            "version": STATE_VERSION,
+            "identity": identity,
+            "plan": plan.name,
+            "method": method,
+            "stages": [s.name for s in plan.stages],
+            "score_kinds": {s.name: s.score for s in plan.stages},
+            "evaluations": [],
+        }
+
+    def save_evaluation(evaluation: Evaluation, label: str) -> None:
+        records = evaluation.pop("records", None)
+        if records is not None:
+            (run_dir / "answers").mkdir(exist_ok=True)
+            _write_json_atomic(run_dir / "answers" / f"{label}.json", records)
+        state["evaluations"].append(evaluation)
+        _write_json_atomic(run_dir / STATE_FILE, state)
+
+    model = build_model(model_path, configs[0])  # a fresh adapter (B = 0): exactly the start model
+    if evaluator_factory is not None:
+        evaluate = evaluator_factory(model, tokenizer, plan)
+    else:
+        evaluate = Evaluator(tokenizer, plan, reference_logprobs(model, tokenizer))
+    if not state["evaluations"]:
+        if start is not None:
+            save_evaluation(json.loads(json.dumps(start)), "start")
+        else:
+            log(f"{method}: scoring the start model")
+            evaluation = evaluate(model, 0)
+            if isinstance(evaluate, Evaluator):
+                evaluation["in_context"] = evaluate.in_context(model)
+            save_evaluation(evaluation, "start")
+
+    for number, (stage, config, rows) in enumerate(zip(plan.stages, configs, encoded), start=1):
+        if number < len(state["evaluations"]):
+            continue  # trained and scored by an earlier call
+        folder = Path(config.output_dir)
+        resume = latest_checkpoint(folder)
+        if resume is None and number > 1:
+            # Start where the previous stage ended (its last checkpoint is its final step).
+            previous = latest_checkpoint(Path(configs[number - 2].output_dir))
+            if previous is None:
+                raise FileNotFoundError(
+                    f"stage {number - 1} ({plan.stages[number - 2].name}) has no checkpoint in "
+                    f"{configs[number - 2].output_dir} to continue from"
+                )
+            load_model_state(previous, model=model)
+        log(
+            f"{method}: stage {number}/{len(plan.stages)} ({stage.name}): {len(rows)} rows"
+            + (f", resuming from {resume.name}" if resume is not None else "")
+        )
+        result = train(model, tokenizer, rows, config, resume_from=resume)
+        evaluation = evaluate(model, number)
+        # train_s: this call's training time (a resumed stage counts the part after the resume).
+        evaluation["train"] = {
+            "steps": result.steps,
+            "train_s": result.wall_time_s,
+            "final_loss": result.final_loss,
+        }
+        save_evaluation(evaluation, f"after-{number}-{stage.name}")
+        scores = ", ".join(
+            f"{name} {t['score'][0]}/{t['score'][1]}" for name, t in evaluation["tasks"].items()
+        )
+        log(f"{method}: after stage {number} ({stage.name}): {scores}")
+    return state

@@ -1,0 +1,357 @@
+"""A continual-learning plan: its stages, read and checked from a YAML/JSON file or --stage arguments.
+
+Plan file, YAML or JSON (paths relative to the file)::
+
+    name: facts, then a skill
+    teacher_template: "{prompt}\\n\\n{demonstration}"   # default for every stage
+    settings: {max_steps: 40, lr: 2.0e-3}             # TrainConfig fields: every stage, every method
+    sdft: {rollout_source: mix}                       # ... one method only
+    sft: {lr: 3.0e-4}
+    eval: {max_new_tokens: 24, batch_size: 32, probes: [probes.jsonl]}
+    stages:
+      - name: facts-a
+        train: facts_a/train.jsonl    # prompt + demonstration rows, as for `sdft-fast train`
+        eval: facts_a/eval.jsonl      # default: the training rows that carry an answer or pattern
+        score: direct                 # the eval `kind` the matrix shows (default: all eval rows)
+        settings: {max_steps: 30}
+        sdft: {}
+        sft: {}
+
+Evaluation rows carry a prompt and what counts as a correct reply: accepted answers and/or a
+``pattern`` (:func:`sdft_fast.eval.reply_correct`); an optional ``kind`` groups them (e.g. ``direct``,
+``indirect``). Probe files hold general questions the start model answers (default: the built-in
+retention probes).
+
+Settings, lowest precedence first: TrainConfig's defaults, the plan's ``settings``, its method
+block, the stage's ``settings``, the stage's method block, then the overrides (the command line's
+flags). Stage ``i`` (1-based) trains with ``seed + i - 1``. The model is built once, so the fields in
+``RUN_FIELDS`` (adapter shape, teacher mode, dtype, device) cannot change between stages.
+
+Every mistake is a :class:`PlanError` naming the plan file, the stage (number and name) and the field;
+errors inside a data file keep its own file, row and field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sdft_fast.config import METHODS, TrainConfig
+from sdft_fast.data import (
+    DEFAULT_TEACHER_TEMPLATE,
+    DataError,
+    Example,
+    load_examples,
+    validate_teacher_template,
+)
+from sdft_fast.eval import RETENTION_PROBES_PATH, reply_pattern, retention_probes
+
+PLAN_KEYS = ("name", "teacher_template", "settings", *METHODS, "eval", "stages")
+STAGE_KEYS = ("name", "train", "eval", "score", "teacher_template", "settings", *METHODS)
+EVAL_KEYS = ("max_new_tokens", "batch_size", "probes")
+# The model is built once per run: these settings are the run's, not a stage's.
+RUN_FIELDS = ("method", "lora_rank", "lora_alpha", "lora_dropout", "teacher", "dtype", "device")
+RUNNER_FIELDS = ("output_dir",)  # set by the runner (one folder per stage)
+DEFAULT_KIND = "eval"  # the kind of an evaluation row that names none
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class PlanError(ValueError):
+    """A bad plan; the message names the plan file, the stage (number and name) and the field."""
+
+    def __init__(
+        self, source: str, problem: str, *, stage: int | None = None, name: str | None = None, key=None
+    ):
+        where = str(source)
+        if stage is not None:
+            where += f", stage {stage}" + (f" ({name!r})" if name else "")
+        if key is not None:
+            where += f", field '{key}'"
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """General questions the start model answers: forgetting shows as a drop in their accuracy."""
+
+    name: str
+    rows: list[Example]
+    source: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    train: list[Example]  # prompt + demonstration rows
+    eval: list[Example]  # prompt + answers and/or pattern rows; meta["kind"] groups them
+    score: str | None  # the eval kind the matrix shows; None: every eval row
+    teacher_template: str
+    settings: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields, every method
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> fields
+
+    def kinds(self) -> list[str]:
+        return sorted({row.meta.get("kind", DEFAULT_KIND) for row in self.eval})
+
+    def score_rows(self) -> list[int]:
+        """Indices of the evaluation rows that make this task's entry in the matrix."""
+        return [
+            i for i, row in enumerate(self.eval) if self.score in (None, row.meta.get("kind", DEFAULT_KIND))
+        ]
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    stages: list[Stage]
+    source: str  # the plan file (or "--stage arguments")
+    settings: dict[str, Any] = field(default_factory=dict)
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_max_new_tokens: int = 24
+    eval_batch_size: int = 32
+    probes: list[ProbeSet] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a plan
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read and validate a plan file (``.json``, else YAML); every stage's rows are loaded and checked."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise PlanError(source, "plan file does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise PlanError(source, f"invalid JSON at line {error.lineno}: {error.msg}") from error
+    except Exception as error:  # yaml.YAMLError: the message carries line and column
+        raise PlanError(source, f"invalid YAML: {error}") from error
+    return plan_from_dict(data, base_dir=path.parent, source=source)
+
+
+def plan_from_stage_args(specs: Sequence[str], *, base_dir: str | os.PathLike = ".") -> Plan:
+    """A plan from ``--stage TRAIN.jsonl[,EVAL.jsonl]`` arguments; stages are named by their files."""
+    stages = []
+    names: set[str] = set()
+    for index, spec in enumerate(specs, start=1):
+        parts = [part.strip() for part in spec.split(",")]
+        if len(parts) not in (1, 2) or not all(parts):
+            raise PlanError(
+                "--stage arguments",
+                f"expected TRAIN.jsonl or TRAIN.jsonl,EVAL.jsonl, got {spec!r}",
+                stage=index,
+            )
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(parts[0]).stem) or "stage"
+        name = name if name not in names and _STAGE_NAME.match(name) else f"stage{index}-{name}".strip("-")
+        names.add(name)
+        stage: dict[str, Any] = {"name": name, "train": parts[0]}
+        if len(parts) == 2:
+            stage["eval"] = parts[1]
+        stages.append(stage)
+    return plan_from_dict({"stages": stages}, base_dir=Path(base_dir), source="--stage arguments")
+
+
+def _mapping(value: Any, source: str, what: str, allowed: Sequence[str], **where) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PlanError(source, f"must be a mapping, got {type(value).__name__}", key=what, **where)
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise PlanError(source, f"unknown key(s) {unknown}; allowed: {list(allowed)}", key=what, **where)
+    return dict(value)
+
+
+_TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name not in RUNNER_FIELDS)
+
+
+def _settings(value: Any, source: str, what: str, *, stage_level: bool, **where) -> dict[str, Any]:
+    values = _mapping(value, source, what, _TRAIN_FIELDS + RUNNER_FIELDS, **where)
+    for name in RUNNER_FIELDS + (RUN_FIELDS if stage_level else ("method",)):
+        if name in values:
+            why = "is set by the runner" if name in RUNNER_FIELDS else "cannot change between stages"
+            if name == "method":
+                why = "comes from the run (--method), not the plan"
+            raise PlanError(source, f"{name!r} {why}", key=f"{what}.{name}", **where)
+    return values
+
+
+def _read_rows(path_value: Any, base_dir: Path, source: str, key: str, require_demonstration: bool, **where):
+    if not isinstance(path_value, str) or not path_value.strip():
+        raise PlanError(source, f"must be a file path, got {path_value!r}", key=key, **where)
+    path = Path(path_value)
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise PlanError(source, f"file {path} does not exist", key=key, **where)
+    try:
+        return load_examples(path, require_demonstration=require_demonstration)
+    except DataError as error:
+        raise PlanError(source, str(error), key=key, **where) from error
+
+
+def probe_sets(value: Any, base_dir: str | os.PathLike, source: str) -> list[ProbeSet]:
+    """Probe sets from a list of paths or ``{name, path}`` mappings (None: the built-in probes)."""
+    base_dir = Path(base_dir)
+    if value is None:
+        return [ProbeSet("retention", retention_probes(), str(RETENTION_PROBES_PATH))]
+    if not isinstance(value, list) or not value:
+        raise PlanError(source, "must be a non-empty list of probe files", key="eval.probes")
+    sets, names = [], set()
+    for index, item in enumerate(value):
+        key = f"eval.probes[{index}]"
+        item = {"path": item} if isinstance(item, str) else _mapping(item, source, key, ("name", "path"))
+        if not isinstance(item.get("path"), str):
+            raise PlanError(source, f"needs a 'path', got {item!r}", key=key)
+        path = Path(item["path"]) if Path(item["path"]).is_absolute() else base_dir / item["path"]
+        if not path.is_file():
+            raise PlanError(source, f"file {path} does not exist", key=key)
+        name = str(item.get("name") or path.stem)
+        if name in names:
+            raise PlanError(source, f"two probe sets are named {name!r}", key=key)
+        names.add(name)
+        try:
+            rows = retention_probes(path)
+            for row in rows:
+                reply_pattern(row)
+        except DataError as error:
+            raise PlanError(source, str(error), key=key) from error
+        sets.append(ProbeSet(name, rows, str(path)))
+    return sets
+
+
+def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Plan:
+    """Validate a plan given as a mapping (the parsed file); errors name ``source``, stage and field."""
+    base_dir = Path(base_dir)
+    top = _mapping(data, source, "plan", PLAN_KEYS) if data is not None else {}
+    stages_value = top.get("stages")
+    if not isinstance(stages_value, list) or not stages_value:
+        raise PlanError(source, "the plan needs a non-empty list of stages", key="stages")
+    template = top.get("teacher_template", DEFAULT_TEACHER_TEMPLATE)
+    try:
+        validate_teacher_template(template)
+    except ValueError as error:
+        raise PlanError(source, str(error), key="teacher_template") from error
+    settings = _settings(top.get("settings"), source, "settings", stage_level=False)
+    method_settings = {m: _settings(top.get(m), source, m, stage_level=False) for m in METHODS}
+    eval_block = _mapping(top.get("eval"), source, "eval", EVAL_KEYS)
+    for key in ("max_new_tokens", "batch_size"):
+        value = eval_block.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PlanError(source, f"must be an integer >= 1, got {value!r}", key=f"eval.{key}")
+    stages: list[Stage] = []
+    for number, raw in enumerate(stages_value, start=1):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        where = {"stage": number, "name": name}
+        stage = _mapping(raw, source, "stage", STAGE_KEYS, **where)
+        if name is None:
+            name = f"stage{number}"
+        if not isinstance(name, str) or not _STAGE_NAME.match(name):
+            raise PlanError(
+                source, f"a stage name is letters, digits, '-', '_' or '.', got {name!r}", key="name", **where
+            )
+        if any(s.name == name for s in stages):
+            raise PlanError(source, f"two stages are named {name!r}", key="name", **where)
+        if "train" not in stage:
+            raise PlanError(source, "is missing (the stage's training rows)", key="train", **where)
+        train_rows = _read_rows(stage["train"], base_dir, source, "train", True, **where)
+        if "eval" in stage:
+            eval_rows = _read_rows(stage["eval"], base_dir, source, "eval", False, **where)
+        else:
+            eval_rows = [row for row in train_rows if row.answers or "pattern" in row.meta]
+            if not eval_rows:
+                raise PlanError(
+                    source,
+                    "no evaluation rows: give the stage an 'eval' file, or its training rows an 'answer' "
+                    "or 'pattern' (with --stage: TRAIN.jsonl,EVAL.jsonl)",
+                    key="eval",
+                    **where,
+                )
+        try:
+            for row in eval_rows:
+                reply_pattern(row)
+        except DataError as error:
+            raise PlanError(source, str(error), key="eval", **where) from error
+        score = stage.get("score")
+        kinds = {row.meta.get("kind", DEFAULT_KIND) for row in eval_rows}
+        if score is not None and score not in kinds:
+            raise PlanError(
+                source, f"no evaluation row has kind {score!r} (kinds: {sorted(kinds)})", key="score", **where
+            )
+        stage_template = stage.get("teacher_template", template)
+        try:
+            validate_teacher_template(stage_template)
+        except ValueError as error:
+            raise PlanError(source, str(error), key="teacher_template", **where) from error
+        stages.append(
+            Stage(
+                name=name,
+                train=train_rows,
+                eval=eval_rows,
+                score=score,
+                teacher_template=stage_template,
+                settings=_settings(stage.get("settings"), source, "settings", stage_level=True, **where),
+                method_settings={
+                    m: _settings(stage.get(m), source, m, stage_level=True, **where) for m in METHODS
+                },
+            )
+        )
+    return Plan(
+        name=str(
+            top.get("name")
+            or (Path(source).stem if source.endswith((".yaml", ".yml", ".json")) else "continual")
+        ),
+        stages=stages,
+        source=source,
+        settings=settings,
+        method_settings=method_settings,
+        eval_max_new_tokens=eval_block.get("max_new_tokens", 24),
+        eval_batch_size=eval_block.get("batch_size", 32),
+        probes=probe_sets(eval_block.get("probes"), base_dir, source),
+    )
+
+
+def stage_dir(run_dir: str | os.PathLike, number: int, name: str) -> Path:
+    return Path(run_dir) / f"stage-{number}-{name}"
+
+
+def stage_configs(
+    plan: Plan, method: str, run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None
+) -> list[TrainConfig]:
+    """Each stage's TrainConfig (see the module docstring for the precedence); a setting that does not
+    make a valid config is a PlanError naming the stage."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    overrides = dict(overrides or {})
+    configs = []
+    for number, stage in enumerate(plan.stages, start=1):
+        values: dict[str, Any] = {}
+        for layer in (
+            plan.settings,
+            plan.method_settings.get(method, {}),
+            stage.settings,
+            stage.method_settings.get(method, {}),
+            overrides,
+        ):
+            values.update(layer)
+        values["method"] = method
+        values["seed"] = int(values.get("seed", 0)) + number - 1
+        values["output_dir"] = str(stage_dir(run_dir, number, stage.name))
+        try:
+            configs.append(TrainConfig(**values))
+        except (TypeError, ValueError) as error:
+            raise PlanError(plan.source, str(error), stage=number, name=stage.name) from error
+    return configs

@@ -1,0 +1,262 @@
+"""The continual runner on a tiny random Llama: the matrix from a fake scorer, exact resume inside a
+stage and at a stage boundary, refusing another plan's folder, and the real scorer end to end."""
+
+import json
+
+import pytest
+import torch
+from helpers import save_tiny_llama
+
+from sdft_fast import trainer as trainer_module
+from sdft_fast.continual import STATE_FILE, run_continual, task_scores
+from sdft_fast.continual_plan import load_plan
+from sdft_fast.continual_report import score_matrix, transfer_metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def plan_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plan")
+    write_jsonl(
+        folder / "a.jsonl",
+        [
+            {"prompt": "Where is Vellmar?", "demonstration": "In Drevia.", "answer": "Drevia"},
+            {"prompt": "Who built Kessan?", "demonstration": "Oskar Renn.", "answer": "Oskar Renn"},
+            {"prompt": "How tall is Ulm?", "demonstration": "41 m.", "answer": "41"},
+        ],
+    )
+    write_jsonl(
+        folder / "b.jsonl",
+        [
+            {"prompt": "Capital of Peru? JSON.", "demonstration": '{"answer": "Lima"}'},
+            {"prompt": "Capital of Chile? JSON.", "demonstration": '{"answer": "Santiago"}'},
+        ],
+    )
+    write_jsonl(
+        folder / "b_eval.jsonl",
+        [
+            {"prompt": "Capital of Spain? JSON.", "pattern": '^\\{"answer"', "kind": "format"},
+            {"prompt": "Capital of Italy? JSON.", "pattern": '^\\{"answer"', "kind": "format"},
+            {
+                "prompt": "Capital of Italy? JSON.",
+                "pattern": '^\\{"answer"',
+                "answer": "Rome",
+                "kind": "exact",
+            },
+        ],
+    )
+    write_jsonl(folder / "probes.jsonl", [{"prompt": "What is 2+2?", "answer": ["4", "four"]}])
+    plan = {
+        "name": "toy",
+        "settings": {
+            "max_steps": 3,
+            "batch_size": 2,
+            "max_new_tokens": 5,
+            "skip_tokens": 0,
+            "lr": 1e-2,
+            "lora_rank": 4,
+            "save_every": 1,
+            "device": "cpu",
+            "tensorboard": False,
+            "progress": False,
+        },
+        "eval": {"max_new_tokens": 6, "probes": ["probes.jsonl"]},
+        "stages": [
+            {"name": "facts", "train": "a.jsonl"},
+            {"name": "skill", "train": "b.jsonl", "eval": "b_eval.jsonl", "score": "format"},
+        ],
+    }
+    (folder / "plan.json").write_text(json.dumps(plan))
+    return folder / "plan.json"
+
+
+def weights(model):
+    state = {f"student.{k}": v.detach().clone() for k, v in model.trainable_state_dict().items()}
+    state.update({f"teacher.{k}": v.detach().clone() for k, v in (model.teacher_state_dict() or {}).items()})
+    return state
+
+
+class FakeScorer:
+    """Row k of task j is correct after stage i when k < (i + j) % 4; probes 5 - i of 5; the 'KL'
+    is the sum of the adapter's absolute weights, so it changes with every step. Records each call and
+    the model's weights at that moment."""
+
+    def __init__(self, model, tokenizer, plan):
+        self.plan = plan
+        self.calls = []
+
+    def __call__(self, model, after_stage):
+        self.calls.append((after_stage, weights(model)))
+        tasks = {}
+        for j, stage in enumerate(self.plan.stages):
+            correct = [k < (after_stage + j) % 4 for k in range(len(stage.eval))]
+            tasks[stage.name] = task_scores(stage, correct)
+        kl = float(sum(v.abs().sum() for v in model.trainable_state_dict().values()))
+        return {"tasks": tasks, "probes": {"general": [5 - after_stage, 5]}, "drift": {"kl": kl, "dnll": 0.0}}
+
+
+def expected_entry(stage_rows, score_rows, after_stage, j):
+    correct = [k < (after_stage + j) % 4 for k in range(stage_rows)]
+    return sum(correct[k] for k in score_rows) / len(score_rows)
+
+
+def run(plan_path, tiny_model_dir, tokenizer, run_dir, scorers, **kwargs):
+    def factory(model, tok, plan):
+        scorer = FakeScorer(model, tok, plan)
+        scorers.append(scorer)
+        return scorer
+
+    return run_continual(
+        load_plan(plan_path),
+        model_path=tiny_model_dir,
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        evaluator_factory=factory,
+        **kwargs,
+    )
+
+
+def test_matrix_from_a_fake_scorer(plan_path, tiny_model_dir, tokenizer, tmp_path):
+    scorers = []
+    state = run(plan_path, tiny_model_dir, tokenizer, tmp_path / "sdft", scorers)
+    matrix = score_matrix(state)
+    # The facts task scores all 3 of its rows (the training rows: they carry answers); the skill task
+    # only its 2 "format" rows.
+    expected = [[expected_entry(3, [0, 1, 2], i, 0), expected_entry(3, [0, 1], i, 1)] for i in range(3)]
+    assert expected == [[0.0, 0.5], [1 / 3, 1.0], [2 / 3, 1.0]]
+    assert len(matrix) == 3 and all(len(row) == 2 for row in matrix)
+    assert [value for row in matrix for value in row] == pytest.approx([v for row in expected for v in row])
+    assert state["evaluations"][0]["tasks"]["skill"]["kinds"] == {"format": [1, 2], "exact": [0, 1]}
+    assert state["evaluations"][2]["tasks"]["skill"]["kinds"] == {"format": [2, 2], "exact": [1, 1]}
+    assert [ev["probes"]["general"] for ev in state["evaluations"]] == [[5, 5], [4, 5], [3, 5]]
+    assert [call[0] for call in scorers[0].calls] == [0, 1, 2]
+    # The adapter moves in every stage, and stage 2 starts where stage 1 ended.
+    kls = [ev["drift"]["kl"] for ev in state["evaluations"]]
+    assert kls[0] < kls[1] and kls[1] != kls[2]
+    assert all(ev["train"]["steps"] == 3 for ev in state["evaluations"][1:])
+    metrics = transfer_metrics(matrix)
+    assert metrics["bwt"] == pytest.approx(matrix[2][0] - matrix[1][0])
+    assert metrics["fwt"] == pytest.approx(matrix[1][1] - matrix[0][1])
+    saved = json.loads((tmp_path / "sdft" / STATE_FILE).read_text())
+    assert saved["evaluations"] == json.loads(json.dumps(state["evaluations"]))
+    assert (tmp_path / "sdft" / "stage-2-skill" / "final" / "adapter_config.json").is_file()
+    # SFT on the same plan, reusing the start evaluation: trains on the demonstrations.
+    sft = run(
+        plan_path,
+        tiny_model_dir,
+        tokenizer,
+        tmp_path / "sft",
+        [],
+        method="sft",
+        start=state["evaluations"][0],
+    )
+    assert len(sft["evaluations"]) == 3 and sft["evaluations"][0] == state["evaluations"][0]
+    assert sft["identity"]["stages"][0]["config"]["method"] == "sft"
+
+
+@pytest.mark.parametrize("crash_at_call", [5, 4], ids=["inside-stage-2", "at-the-stage-boundary"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(
+    plan_path, tiny_model_dir, tokenizer, tmp_path, monkeypatch, crash_at_call
+):
+    """Stages of 3 steps, a checkpoint after every step. The crash hits train_step call 5 (stage 2,
+    step 2: its step-1 checkpoint exists) or call 4 (stage 2's first step: only stage 1's end exists)."""
+    straight = run(plan_path, tiny_model_dir, tokenizer, tmp_path / "straight", [])
+
+    real_step = trainer_module.Trainer.train_step
+    calls = {"n": 0}
+
+    def crashing_step(self):
+        calls["n"] += 1
+        if calls["n"] == crash_at_call:
+            raise RuntimeError("power cut (simulated)")
+        return real_step(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(plan_path, tiny_model_dir, tokenizer, tmp_path / "crashed", [])
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", real_step)
+    saved = json.loads((tmp_path / "crashed" / STATE_FILE).read_text())
+    assert len(saved["evaluations"]) == 2  # the start and stage 1 were scored before the crash
+
+    scorers = []
+    resumed = run(plan_path, tiny_model_dir, tokenizer, tmp_path / "crashed", scorers)
+    # The rerun scored only what was left: stage 2.
+    assert [call[0] for call in scorers[0].calls] == [2]
+    assert resumed["evaluations"][:2] == saved["evaluations"]
+    for a, b in zip(straight["evaluations"], resumed["evaluations"]):
+        assert a["tasks"] == b["tasks"] and a["probes"] == b["probes"]
+        assert a["drift"]["kl"] == pytest.approx(b["drift"]["kl"], rel=1e-6)
+
+    # The weights at the end, and every loss of stage 2, as in the run that never stopped.
+    def losses(folder):
+        rows = [
+            json.loads(line) for line in (folder / "stage-2-skill" / "metrics.jsonl").read_text().splitlines()
+        ]
+        return {row["step"]: row["loss"] for row in rows if not row.get("eval")}
+
+    assert losses(tmp_path / "crashed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5, abs=1e-7)
+    straight_model = build_and_load(tiny_model_dir, tmp_path / "straight")
+    resumed_model = build_and_load(tiny_model_dir, tmp_path / "crashed")
+    for key, value in weights(straight_model).items():
+        torch.testing.assert_close(weights(resumed_model)[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def build_and_load(model_dir, run_dir):
+    from sdft_fast.checkpoint import latest_checkpoint, load_model_state
+    from sdft_fast.config import TrainConfig
+    from sdft_fast.trainer import build_model
+
+    model = build_model(model_dir, TrainConfig(lora_rank=4, device="cpu", progress=False))
+    load_model_state(latest_checkpoint(run_dir / "stage-2-skill"), model=model)
+    return model
+
+
+def test_a_folder_of_another_plan_is_refused(plan_path, tiny_model_dir, tokenizer, tmp_path):
+    run(plan_path, tiny_model_dir, tokenizer, tmp_path / "run", [], overrides={"max_steps": 1})
+    with pytest.raises(
+        ValueError, match=r"belongs to a different run \(stages\[0\].config.max_steps: saved 1, now 2\)"
+    ):
+        run(plan_path, tiny_model_dir, tokenizer, tmp_path / "run", [], overrides={"max_steps": 2})
+    state = run(
+        plan_path, tiny_model_dir, tokenizer, tmp_path / "run", [], overrides={"max_steps": 2}, restart=True
+    )
+    assert all(ev["train"]["steps"] == 2 for ev in state["evaluations"][1:])
+
+
+def test_the_real_scorer_and_the_command_line(plan_path, tiny_model_dir, tmp_path):
+    """`sdft-fast continual` end to end with greedy decoding, the probes and the drift; a second
+    method in the same folder joins the report."""
+    from sdft_fast.cli import main
+
+    out = tmp_path / "cli"
+    common = ["continual", "--plan", str(plan_path), "--model", str(tiny_model_dir), "--output-dir", str(out)]
+    assert main(common + ["--max-steps", "2", "--no-progress"]) == 0
+    assert main(common + ["--method", "sft", "--max-steps", "2", "--no-progress"]) == 0
+    state = json.loads((out / "sdft" / STATE_FILE).read_text())
+    start = state["evaluations"][0]
+    assert start["drift"] == pytest.approx({"kl": 0.0, "dnll": 0.0}, abs=1e-5)  # the start model itself
+    assert state["evaluations"][2]["drift"]["kl"] > 0
+    # In-context accuracy needs demonstrations: the facts rows (training rows) have them, the skill's
+    # evaluation rows do not.
+    assert set(start["in_context"]) == {"facts"} and start["in_context"]["facts"][1] == 3
+    assert start["probes"]["probes"][1] == 1 and start["tasks"]["skill"]["score"][1] == 2
+    answers = json.loads((out / "sdft" / "answers" / "after-2-skill.json").read_text())
+    assert len(answers["facts"]) == 3 and len(answers["probes:probes"]) == 1
+    markdown = (out / "continual.md").read_text()
+    assert "## SDFT" in markdown and "## SFT" in markdown and (out / "continual.png").is_file()
+    assert main(common + ["--method", "sdft", "--lr", "-1"]) == 2  # a bad flag: one line, exit 2
