@@ -49,10 +49,10 @@ FALLBACK_ROWS = [
 def bench_rows(count: int) -> list[tuple[str, str]]:
     """(prompt, demonstration) pairs: the demo's training facts when available, else the fallback."""
     try:
-        from sdft_fast.demo import load_demo
+        from sdft_fast.demo import load_demo_facts
 
         rows = []
-        for example in load_demo().train:
+        for example in load_demo_facts().train:
             prompt = example.prompt if isinstance(example.prompt, str) else example.prompt[-1]["content"]
             rows.append((prompt, example.demonstration))
     except Exception:  # the demo data is optional for this benchmark

@@ -226,23 +226,3 @@ class TrainConfig:
 def flag_fields() -> list[dataclasses.Field]:
     """The TrainConfig fields that ``sdft-fast train`` offers as ``--name-with-dashes`` flags."""
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)]
-
-
-# The built-in demo's settings (``sdft-fast demo`` offers each as a flag), sized for
-# SmolLM2-135M-Instruct on 2 CPU threads: the whole demo fits in 15 minutes.
-DEMO_DEFAULTS: dict[str, Any] = {
-    "sdft_steps": 80,
-    "sdft_lr": 1e-3,
-    "sft_steps": 60,
-    "sft_lr": 3e-4,
-    "lora_rank": 16,
-    "batch_size": 8,
-    "num_generations": 1,
-    "max_new_tokens": 16,
-    "eval_max_new_tokens": 32,
-    "skip_tokens": 0,
-    "ema_rate": 0.01,
-    "teacher": "ema",
-    "warmup_steps": 5,
-    "seed": 0,
-}

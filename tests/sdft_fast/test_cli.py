@@ -42,7 +42,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_help_lists_subcommands_and_train_options(tmp_path):
     top = run_cli("--help", cwd=tmp_path)
     assert top.returncode == 0, top.stderr
-    for command in ("train", "eval", "generate", "demo"):
+    for command in ("train", "eval", "generate", "continual", "demo"):
         assert command in top.stdout
     train_help = run_cli("train", "--help", cwd=tmp_path)
     assert train_help.returncode == 0, train_help.stderr
@@ -141,46 +141,3 @@ def test_malformed_row_fails_before_training_naming_file_row_field(tiny_model_di
     assert "broken.jsonl" in done.stderr and "row 2" in done.stderr and "demonstration" in done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists(), "nothing may be written before the data is valid"
-
-
-def test_demo_configs_and_report_say_what_was_trained(tmp_path):
-    """The demo's SDFT run samples num_generations rollouts per prompt, its SFT run one target per
-    prompt; the report states the training data (prompts per fact) and the settings it ran with."""
-    from sdft_fast import cli, demo, demo_report
-    from sdft_fast.config import DEMO_DEFAULTS
-
-    args = cli.build_parser().parse_args(["demo", "--num-generations", "4", "--no-progress"])
-    sdft = demo._demo_train_config("sdft", args, tmp_path)
-    sft = demo._demo_train_config("sft", args, tmp_path)
-    assert sdft.num_generations == 4 and sdft.prompts_per_step == args.batch_size // 4
-    assert sft.num_generations == 1 and sft.lr == args.sft_lr and sft.max_steps == args.sft_steps
-    with pytest.raises(ValueError, match="TrainConfig.num_generations=3"):
-        demo._demo_train_config(
-            "sdft", cli.build_parser().parse_args(["demo", "--num-generations", "3"]), tmp_path
-        )
-
-    settings = {k: getattr(args, k) for k in DEMO_DEFAULTS}
-    data = {
-        "facts": 2,
-        "train_prompts": 13,
-        "train_prompts_per_fact_min": 6,
-        "train_prompts_per_fact_max": 7,
-        "direct_questions": 2,
-        "indirect_questions": 2,
-    }
-    scores = {"direct": 0.5, "indirect": 0.0, "retention": 0.9, "kl_from_start": 0.1, "records": {}}
-    results = {
-        "settings": settings,
-        "data": data,
-        "teacher_template": "{demonstration} {prompt}",
-        "model": "tiny",
-        "start": dict(scores, direct=0.0, direct_in_context=1.0),
-        "methods": {"sdft": dict(scores, train_s=1.0, steps=3, final_loss=0.1)},
-        "wall_s": 2.0,
-    }
-    demo_report.write_demo_report(results, tmp_path, model_name="tiny")
-    report = (tmp_path / "demo.md").read_text()
-    assert "13 training prompts for 2 facts (6-7 per fact" in report
-    assert f"{args.batch_size // 4} prompts x 4 samples each" in report
-    assert f"SFT: {args.sft_steps} steps" in report
-    assert json.loads((tmp_path / "demo.json").read_text())["data"]["train_prompts"] == 13

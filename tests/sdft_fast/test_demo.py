@@ -1,4 +1,4 @@
-"""Integrity of the built-in demo facts."""
+"""Integrity of the built-in demo facts (the 40 facts the demo plan and the recipe benchmark draw from)."""
 
 import json
 from collections import Counter
@@ -7,13 +7,13 @@ import pytest
 from helpers import byte_level_tokenizer
 
 from sdft_fast.data import DataError, DataLimits, encode_examples
-from sdft_fast.demo import DEMO_FACTS_PATH, load_demo
+from sdft_fast.demo import DEMO_FACTS_PATH, load_demo_facts
 from sdft_fast.eval import answer_matches, normalize_text
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_demo()
+    return load_demo_facts()
 
 
 def test_every_fact_has_training_rows_and_both_question_kinds(demo):
@@ -90,7 +90,7 @@ def test_entity_answers_do_not_collide_across_facts(demo):
 
 
 def test_demo_fits_default_limits():
-    demo = load_demo()
+    demo = load_demo_facts()
     tokenizer = byte_level_tokenizer()  # bytes: a pessimistic token count
     encoded = encode_examples(demo.train, tokenizer, limits=DataLimits())
     assert len(encoded) == len(demo.train)
@@ -105,29 +105,14 @@ def test_malformed_demo_file_names_the_nested_field(tmp_path):
     path = tmp_path / "facts.jsonl"
     path.write_text(good + "\n" + json.dumps(fact) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as caught:
-        load_demo(path)
+        load_demo_facts(path)
     assert (caught.value.source, caught.value.row, caught.value.field) == (str(path), 2, "direct[0].answer")
     fact = json.loads(good)
     fact["id"], fact["train"][0]["demonstration"] = "other", ""
     path.write_text(good + "\n" + json.dumps(fact) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as caught:
-        load_demo(path)
+        load_demo_facts(path)
     assert caught.value.field == "train[0].demonstration" and "empty" in str(caught.value)
     path.write_text(good + "\n" + good + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="duplicate"):
-        load_demo(path)
-
-
-def test_demo_teacher_template_puts_the_fact_in_the_teacher_prompt():
-    from sdft_fast.data import validate_teacher_template
-    from sdft_fast.demo import DEMO_TEACHER_TEMPLATE
-
-    demo = load_demo()
-    assert demo.teacher_template == DEMO_TEACHER_TEMPLATE
-    validate_teacher_template(demo.teacher_template)
-    tokenizer = byte_level_tokenizer()
-    row = demo.train[0]
-    (encoded,) = encode_examples([row], tokenizer, teacher_template=demo.teacher_template)
-    teacher_text = tokenizer.decode(encoded.teacher_prompt_ids)
-    assert f"Fact: {row.demonstration}\n\nQuestion: {row.prompt}" in teacher_text
-    assert row.demonstration not in tokenizer.decode(encoded.student_prompt_ids)
+        load_demo_facts(path)

