@@ -168,14 +168,33 @@ def _train_config_from_args(args) -> TrainConfig:
 
 def cmd_train(args) -> int:
     from sdft_fast.default_model import load_tokenizer, resolve_model_path
+    from sdft_fast.distributed import Launch, Ranks, end_process_group, init_process_group
     from sdft_fast.trainer import build_model, train
 
     config = _train_config_from_args(args)
-    model_path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(model_path)
-    _, encoded = _load_and_encode(args.data, tokenizer, args, method=config.method)
-    model = build_model(model_path, config)
-    result = train(model, tokenizer, encoded, config, resume_from=args.resume, stop_after=args.stop_after)
+    # Under torchrun / accelerate launch: join the other ranks (one GPU each) before any work.
+    launch = Launch.from_environment()
+    config.device = init_process_group(launch, config.device, config.dist_timeout_s)
+    ranks = Ranks()
+    try:
+        with ranks.together("loading the data and the model"):
+            model_path = resolve_model_path(args.model)
+            tokenizer = load_tokenizer(model_path)
+            _, encoded = _load_and_encode(args.data, tokenizer, args, method=config.method)
+            model = build_model(model_path, config)
+        result = train(
+            model,
+            tokenizer,
+            encoded,
+            config,
+            resume_from=args.resume,
+            stop_after=args.stop_after,
+            ranks=ranks,
+        )
+    finally:
+        end_process_group(launch)
+    if not ranks.is_main:
+        return 0
     summary = {
         "steps": result.steps,
         "final_loss": result.final_loss,
@@ -433,12 +452,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from sdft_fast.default_model import DefaultModelMissingError
+    from sdft_fast.distributed import RankLost, SameOnEveryRank
 
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SameOnEveryRank as error:  # every rank raised it: rank 0 says it once
+        if os.environ.get("SDFT_FAST_DEBUG"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sdft-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except RankLost as error:  # a collective failed: the ranks still alive each say why they stop
+        if os.environ.get("SDFT_FAST_DEBUG"):
+            raise
+        print(f"sdft-fast {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, DefaultModelMissingError) as error:
         # Bad input (a malformed data row, a wrong argument): one clear line, no traceback.
         if os.environ.get("SDFT_FAST_DEBUG"):

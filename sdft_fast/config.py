@@ -122,6 +122,10 @@ class TrainConfig:
     eval_every: int = setting(0, "evaluate every N steps, 0 = only at the end", flag=False)
     progress: bool = setting(True, "tqdm bar on stderr", flag=False)
     tensorboard: bool = setting(True, "TensorBoard events when tensorboard is importable", flag=False)
+    # -- several processes (torchrun / accelerate launch; sdft_fast.distributed)
+    dist_timeout_s: float = setting(
+        600.0, "seconds a rank waits for the others at a collective before the job ends with an error"
+    )
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
@@ -139,7 +143,7 @@ class TrainConfig:
                 fail(name, getattr(self, name), f"must be one of {choices}")
         if not 0.0 <= self.alpha <= 1.0:
             fail("alpha", self.alpha, "must lie in [0, 1]")
-        for name in ("temperature", "loss_temperature", "lr", "importance_cap", "epochs"):
+        for name in ("temperature", "loss_temperature", "lr", "importance_cap", "epochs", "dist_timeout_s"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 fail(name, value, "must be a finite number > 0")

@@ -81,7 +81,8 @@ class DataCursor:
         return {"epoch": self.epoch, "position": self.position}
 
 
-def planned_steps(num_examples: int, config: TrainConfig) -> int:
+def planned_steps(num_examples: int, config: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps of the run; ``world_size`` ranks take ``prompts_per_step`` prompts each per step."""
     if config.max_steps is not None:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * num_examples / config.prompts_per_step))
+    return max(1, math.ceil(config.epochs * num_examples / (config.prompts_per_step * world_size)))

@@ -28,6 +28,12 @@ student prompt.
 The run's plan (step count, data order, learning rate) comes from :mod:`sdft_fast.schedule`,
 its settings from :class:`sdft_fast.config.TrainConfig`, and its checkpoints (exact resume,
 atomic writes) from :mod:`sdft_fast.checkpoint`.
+
+On several ranks (:mod:`sdft_fast.distributed`) ``batch_size`` and ``grad_accum`` are per rank:
+a step takes ``world_size`` times the prompts, each rank samples and scores its own contiguous
+share of them with the rollout seeds one process would use for those micro-batches, the losses
+are divided by the global number of sequences and the gradients summed, so N ranks make the same
+step as one process with ``grad_accum`` x N. Only rank 0 writes metrics, progress and checkpoints.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from sdft_fast.checkpoint import (
 )
 from sdft_fast.config import TrainConfig
 from sdft_fast.data import EncodedExample
+from sdft_fast.distributed import Ranks, check_run_agrees
 from sdft_fast.lora import LoraConfig
 from sdft_fast.loss import linear_cross_entropy, reduce_token_losses, self_distill_loss, token_logprobs
 from sdft_fast.model import PairBatch, SelfDistillModel
@@ -120,6 +127,26 @@ class _Rollouts:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def share(self, ranks: Ranks) -> _Rollouts:
+        """This rank's block of the step's rollouts (the whole step's on one process)."""
+        logprobs = None if self.rollout_logprobs is None else ranks.share(self.rollout_logprobs)
+        from_teacher = None if self.from_teacher is None else ranks.share(self.from_teacher)
+        return _Rollouts(
+            ranks.share(self.example_indices),
+            ranks.share(self.completions),
+            logprobs,
+            self.passes_done,
+            from_teacher,
+        )
+
+    @classmethod
+    def join(cls, parts: list[dict[str, Any]]) -> _Rollouts:
+        """The step's rollouts from every rank's block (to_json form, in rank order)."""
+        joined = {}
+        for name in ("example_indices", "completions", "rollout_logprobs", "from_teacher"):
+            joined[name] = None if parts[0].get(name) is None else [x for part in parts for x in part[name]]
+        return cls(**joined, passes_done=parts[0]["passes_done"])
+
     @classmethod
     def from_json(cls, payload: dict[str, Any] | None) -> _Rollouts | None:
         return None if payload is None else cls(**payload)
@@ -166,9 +193,12 @@ class Trainer:
         tokenizer,
         examples: Sequence[EncodedExample],
         config: TrainConfig,
+        ranks: Ranks | None = None,
     ):
         config.validate()
         validate_examples(examples, config)
+        self.ranks = ranks or Ranks()
+        check_run_agrees(self.ranks, model, examples, config)
         model_teacher = getattr(model, "teacher_mode", config.teacher)
         if config.method == "sdft" and model_teacher != config.teacher:
             raise ValueError(
@@ -178,7 +208,15 @@ class Trainer:
         self.tokenizer = tokenizer
         self.examples = list(examples)
         self.config = config
-        self.total_steps = planned_steps(len(self.examples), config)
+        self.total_steps = planned_steps(len(self.examples), config, self.ranks.world_size)
+        if self.ranks.world_size > 1:  # identical starts, as DDP does: rank 0's trainable weights and teacher
+            for state, load in (
+                (model.trainable_state_dict(), model.load_trainable_state_dict),
+                (model.teacher_state_dict(), model.load_teacher_state_dict),
+            ):
+                if state:
+                    self.ranks.broadcast_(list(state.values()), what="sending rank 0's start weights")
+                    load(state)
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = pad_token_id(tokenizer, self.stop_ids)
         self.optimizer, self.scheduler = make_optimizer(model, config, self.total_steps)
@@ -194,7 +232,10 @@ class Trainer:
         that many independent draws), micro-batch by micro-batch, each under the student or the teacher
         prompt as ``teacher_rollout_mask`` says; the student's weights sample both."""
         config = self.config
-        from_teacher = teacher_rollout_mask(config, self.step, len(indices))
+        # The whole step's mask (as one process draws it), this rank's block of it.
+        from_teacher = self.ranks.share(
+            teacher_rollout_mask(config, self.step, len(indices) * self.ranks.world_size)
+        )
         completions: list[list[int]] = []
         for micro, (chunk, chunk_from_teacher) in enumerate(
             zip(_micro_batches(indices, config.batch_size), _micro_batches(from_teacher, config.batch_size))
@@ -213,7 +254,8 @@ class Trainer:
                     top_k=config.top_k,
                     eos_token_id=None if config.ignore_eos else (self.stop_ids or None),
                     pad_token_id=self.pad_id,
-                    seed=_rollout_seed(config.seed, self.step, micro),
+                    # Rank r's micro-batches are micro-batches r * grad_accum... of the whole step.
+                    seed=_rollout_seed(config.seed, self.step, self.ranks.rank * config.grad_accum + micro),
                 )
             )
         rollout_logprobs = None
@@ -347,9 +389,9 @@ class Trainer:
         sample_s = 0.0
         if config.method == "sdft":
             if self.pending is None:
-                prompts = self.cursor.take(config.prompts_per_step)
+                prompts = self.cursor.take(config.prompts_per_step * self.ranks.world_size)
                 # Each prompt num_generations times in a row: its rollouts share a micro-batch.
-                indices = [i for i in prompts for _ in range(config.num_generations)]
+                indices = self.ranks.share([i for i in prompts for _ in range(config.num_generations)])
                 sample_started = time.perf_counter()
                 self.pending = self._sample(indices)
                 sample_s = time.perf_counter() - sample_started
@@ -360,10 +402,12 @@ class Trainer:
             lengths = [len(c) for c in completions]
             counted = sum(1 for n in lengths if n > config.skip_tokens)
         else:
-            indices = self.cursor.take(config.prompts_per_step)
+            indices = self.ranks.share(self.cursor.take(config.prompts_per_step * self.ranks.world_size))
             completions = None
             lengths = [len(self.examples[i].demonstration_ids) for i in indices]
             counted = len(indices)
+        # The loss is a mean over the sequences of the whole step, every rank's.
+        counted = int(self.ranks.sum([counted], what="counting the step's sequences")[0])
 
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -401,6 +445,7 @@ class Trainer:
             tokens += stats["tokens"]
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.ranks.sum_gradients_(params)
         if config.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         else:
@@ -425,34 +470,59 @@ class Trainer:
             if self.pending.passes_done >= config.num_iterations:
                 self.pending = None
 
-        elapsed = time.perf_counter() - started
-        self.completion_tokens_total += sum(lengths)
+        # Metrics of the whole step: sums and maxima over the ranks.
+        total, peak = self.ranks.reduce_metrics(
+            {
+                "loss": loss_sum,
+                "divergence": divergence_sum,
+                "ratio_sum": ratio_sum,
+                "ratio_count": ratio_count,
+                "loss_tokens": tokens,
+                "completion_tokens": sum(lengths),
+                "sequences": len(lengths),
+                "teacher_rollouts": sum(from_teacher) if config.method == "sdft" else 0,
+            },
+            {
+                "completion_len_max": max(lengths) if lengths else 0,
+                "step_s": time.perf_counter() - started,
+                "sample_s": sample_s,
+                "peak_memory_mb": _peak_memory_mb(self.model.device),
+            },
+        )
+        completion_tokens, elapsed = int(total["completion_tokens"]), peak["step_s"]
+        self.completion_tokens_total += completion_tokens
         row: dict[str, Any] = {
             "step": self.step,
             "epoch": self.cursor.epoch + self.cursor.position / self.cursor.num_examples,
-            "loss": loss_sum,
+            "loss": total["loss"],
             "lr": lr,
             "grad_norm": grad_norm,
-            "completion_len_mean": sum(lengths) / max(1, len(lengths)),
-            "completion_len_max": max(lengths) if lengths else 0,
-            "completion_tokens": sum(lengths),
-            "loss_tokens": tokens,
-            "tokens_per_s": sum(lengths) / elapsed if elapsed > 0 else 0.0,
+            "completion_len_mean": completion_tokens / max(1, total["sequences"]),
+            "completion_len_max": int(peak["completion_len_max"]),
+            "completion_tokens": completion_tokens,
+            "loss_tokens": int(total["loss_tokens"]),
+            "tokens_per_s": completion_tokens / elapsed if elapsed > 0 else 0.0,
             "step_s": elapsed,
-            "peak_memory_mb": _peak_memory_mb(self.model.device),
+            "peak_memory_mb": peak["peak_memory_mb"],
         }
         if config.method == "sdft":
-            row["divergence"] = divergence_sum
-            row["sample_s"] = sample_s
+            row["divergence"] = total["divergence"]
+            row["sample_s"] = peak["sample_s"]
             row["sequences_counted"] = counted
-            row["teacher_rollouts"] = sum(from_teacher)
-            if ratio_count:
-                row["importance_ratio"] = ratio_sum / ratio_count
+            row["teacher_rollouts"] = int(total["teacher_rollouts"])
+            if total["ratio_count"]:
+                row["importance_ratio"] = total["ratio_sum"] / total["ratio_count"]
         return row
 
     # -- state ----------------------------------------------------------------
 
     def trainer_state(self) -> dict[str, Any]:
+        """The run's state for a checkpoint (a collective on several ranks: the pending rollouts are
+        the whole step's, gathered from every rank, as one process would hold them)."""
+        pending = None
+        if self.pending is not None:
+            parts = self.ranks.gather_objects(self.pending.to_json(), what="gathering the pending rollouts")
+            pending = _Rollouts.join(parts).to_json()
         return {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "step": self.step,
@@ -460,7 +530,8 @@ class Trainer:
             "data": self.cursor.state(),
             "num_examples": len(self.examples),
             "completion_tokens_total": self.completion_tokens_total,
-            "pending_rollouts": None if self.pending is None else self.pending.to_json(),
+            "pending_rollouts": pending,
+            "world_size": self.ranks.world_size,
             "config": self.config.to_dict(),
         }
 
@@ -477,7 +548,6 @@ class Trainer:
         for name in (
             "method",
             "batch_size",
-            "grad_accum",
             "seed",
             "shuffle",
             "num_iterations",
@@ -493,6 +563,14 @@ class Trainer:
                     f"{checkpoint}: saved with {name}={saved_value!r}, this run has "
                     f"{name}={getattr(self.config, name)!r}; resume would not continue the same run"
                 )
+        # Micro-batches per step, all ranks together: any world size that keeps it continues the run.
+        saved_world = int(state.get("world_size", 1))
+        if saved["grad_accum"] * saved_world != self.config.grad_accum * self.ranks.world_size:
+            raise ValueError(
+                f"{checkpoint}: saved with grad_accum={saved['grad_accum']} on {saved_world} rank(s), this run "
+                f"has grad_accum={self.config.grad_accum} on {self.ranks.world_size}; resume needs the same "
+                "micro-batches per step (grad_accum x ranks)"
+            )
         self.step = int(state["step"])
         self.cursor = DataCursor(
             len(self.examples),
@@ -501,7 +579,8 @@ class Trainer:
             epoch=int(state["data"]["epoch"]),
             position=int(state["data"]["position"]),
         )
-        self.pending = _Rollouts.from_json(state.get("pending_rollouts"))
+        pending = _Rollouts.from_json(state.get("pending_rollouts"))
+        self.pending = None if pending is None else pending.share(self.ranks)
         self.completion_tokens_total = int(state.get("completion_tokens_total", 0))
 
 
@@ -544,6 +623,7 @@ def train(
     resume_from: str | os.PathLike | None = None,
     stop_after: int | None = None,
     eval_fn: Callable[[SelfDistillModel, int], dict[str, Any]] | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``encoded_examples`` as ``config`` says.
 
@@ -552,9 +632,12 @@ def train(
     stop_after: stop once the step counter reaches this value (a time budget, or the first half
         of a resume test) without changing the schedule, which stays planned for max_steps.
     eval_fn: called as ``eval_fn(model, step)`` every ``eval_every`` steps and at the end; the
-        returned numbers are written to metrics.jsonl with ``"eval": true``.
+        returned numbers are written to metrics.jsonl with ``"eval": true``. On several ranks it
+        runs on every rank and rank 0's numbers are written.
+    ranks: the data-parallel group (default: the initialised default process group, if any).
     """
-    trainer = Trainer(model, tokenizer, encoded_examples, config)
+    trainer = Trainer(model, tokenizer, encoded_examples, config, ranks)
+    ranks = trainer.ranks
     output_dir = Path(config.output_dir) if config.output_dir else None
     if resume_from is not None:
         if str(resume_from) == "latest":
@@ -573,7 +656,7 @@ def train(
     end_step = trainer.total_steps if stop_after is None else min(trainer.total_steps, stop_after)
     metrics_file = None
     writer = None
-    if output_dir is not None:
+    if output_dir is not None and ranks.is_main:  # one writer: rank 0
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "train_config.json", config.to_dict())
         metrics_file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
@@ -581,7 +664,7 @@ def train(
             writer = _tensorboard_writer(output_dir)
 
     progress = None
-    if config.progress:
+    if config.progress and ranks.is_main:
         from tqdm.auto import tqdm
 
         progress = tqdm(
@@ -613,17 +696,22 @@ def train(
         nonlocal last_checkpoint
         if output_dir is None:
             return
-        last_checkpoint = str(
-            save_checkpoint(
-                output_dir,
-                model=model,
-                optimizer=trainer.optimizer,
-                scheduler=trainer.scheduler,
-                config=config,
-                trainer_state=trainer.trainer_state(),
-                keep=config.keep_checkpoints,
+        state = trainer.trainer_state()  # every rank: gathers the pending rollouts
+        ranks.check_in_step({**model.trainable_state_dict(), **model.teacher_state_dict()})
+        if ranks.is_main:
+            last_checkpoint = str(
+                save_checkpoint(
+                    output_dir,
+                    model=model,
+                    optimizer=trainer.optimizer,
+                    scheduler=trainer.scheduler,
+                    config=config,
+                    trainer_state=state,
+                    keep=config.keep_checkpoints,
+                )
             )
-        )
+        ranks.barrier("waiting for rank 0 to write the checkpoint")
+        last_checkpoint = str(latest_checkpoint(output_dir))
 
     model.hf_model.eval()  # dropout off: rollouts and scores come from the same deterministic network
     try:
@@ -643,7 +731,7 @@ def train(
             if config.save_every and trainer.step % config.save_every == 0 and trainer.step != end_step:
                 checkpoint()
         checkpoint()
-        if output_dir is not None and trainer.step == trainer.total_steps:
+        if output_dir is not None and trainer.step == trainer.total_steps and ranks.is_main:
             # The user-facing result: a PEFT adapter folder (LoRA) or the full weights (full FT).
             model.save_adapter(output_dir / "final")
         if eval_fn is not None and trainer.step == trainer.total_steps:

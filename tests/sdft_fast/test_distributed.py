@@ -1,0 +1,181 @@
+"""Several ranks, one run: 2 gloo ranks (forked CPU processes) on a tiny random Llama against one
+process on the same global batch; resume; agreement checks; launcher detection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import run_ranks, save_tiny_llama
+
+from sdft_fast.config import TrainConfig
+from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, DataLimits, encode_examples, load_examples
+from sdft_fast.distributed import Launch, Ranks, SameOnEveryRank, check_run_agrees
+from sdft_fast.trainer import build_model, train
+
+ROWS = [{"prompt": f"Where is place {i}?", "demonstration": f"Place {i} lies in land {i}."} for i in range(6)]
+STEPS = 4
+STOP = 3  # mid-way through the second batch of rollouts (num_iterations=2): pending rollouts saved
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("distributed")
+    model_dir = save_tiny_llama(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    (root / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    encoded = encode_examples(
+        load_examples(root / "data.jsonl"),
+        tokenizer,
+        limits=DataLimits(max_prompt_tokens=128, max_teacher_prompt_tokens=512, max_completion_tokens=64),
+        teacher_template=DEFAULT_TEACHER_TEMPLATE,
+    )
+    return root, model_dir, tokenizer, encoded
+
+
+def lora_config(output_dir, **overrides) -> TrainConfig:
+    values = dict(
+        batch_size=2,  # per rank
+        grad_accum=1,
+        num_iterations=2,  # importance ratios, and rollouts pending across a checkpoint
+        max_steps=STEPS,
+        max_new_tokens=6,
+        skip_tokens=1,
+        lr=5e-3,
+        warmup_steps=1,
+        lora_rank=4,
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+        output_dir=None if output_dir is None else str(output_dir),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run_lora_ranks(rank, world_size, setup):
+    root, model_dir, tokenizer, encoded = setup
+    ranks = Ranks()
+    out = {}
+    # A setting that differs on one rank ends the job on every rank with one message.
+    try:
+        check_run_agrees(
+            ranks, build_model(model_dir, lora_config(None)), encoded, lora_config(None, lr=1e-3 * (1 + rank))
+        )
+        out["mismatch"] = None
+    except SameOnEveryRank as error:
+        out["mismatch"] = str(error)
+
+    model = build_model(model_dir, lora_config(None))
+    result = train(model, tokenizer, encoded, lora_config(root / "two_ranks"))
+    out["adapter"], out["teacher"] = model.trainable_state_dict(), model.teacher_state_dict()
+    out["rows"] = result.metrics
+
+    stopped = build_model(model_dir, lora_config(None))
+    train(stopped, tokenizer, encoded, lora_config(root / "two_ranks_resumed"), stop_after=STOP)
+    resumed = build_model(model_dir, lora_config(None))
+    train(resumed, tokenizer, encoded, lora_config(root / "two_ranks_resumed"), resume_from="latest")
+    out["resumed_adapter"], out["resumed_teacher"] = (
+        resumed.trainable_state_dict(),
+        resumed.teacher_state_dict(),
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_runs(setup):
+    root, model_dir, tokenizer, encoded = setup
+    per_rank = run_ranks(run_lora_ranks, 2, root, setup)
+    # One process on the same global batch: 2 ranks x 1 micro-batch = 2 micro-batches.
+    model = build_model(model_dir, lora_config(None))
+    result = train(model, tokenizer, encoded, lora_config(root / "one_process", grad_accum=2))
+    return per_rank, {
+        "adapter": model.trainable_state_dict(),
+        "teacher": model.teacher_state_dict(),
+        "rows": result.metrics,
+    }
+
+
+def assert_close(ours: dict, reference: dict, rel: float, what: str) -> None:
+    assert ours.keys() == reference.keys()
+    for name, ref in reference.items():
+        err = ((ours[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        assert err <= rel, f"{what}: {name} differs by {err:.2e} (relative)"
+
+
+def test_two_ranks_train_the_adapter_one_process_trains_on_the_same_global_batch(lora_runs):
+    per_rank, one = lora_runs
+    moved = max(t.abs().max().item() for name, t in one["adapter"].items() if name.endswith("lora_B"))
+    assert moved > 0, "the adapter did not train: the comparison would be vacuous"
+    for rank, out in enumerate(per_rank):
+        assert_close(out["adapter"], one["adapter"], 1e-5, f"rank {rank} adapter")
+        assert_close(out["teacher"], one["teacher"], 1e-5, f"rank {rank} EMA teacher")
+    # Metrics are the whole step's: the global sequence count, the global mean loss.
+    for row_two, row_one in zip(per_rank[0]["rows"], one["rows"], strict=True):
+        assert row_two["sequences_counted"] == row_one["sequences_counted"] == 4
+        assert row_two["completion_tokens"] == row_one["completion_tokens"]
+        for key in ("loss", "divergence", "grad_norm"):
+            assert row_two[key] == pytest.approx(row_one[key], rel=1e-5), key
+
+
+def test_every_rank_holds_the_same_adapter_and_ema_teacher(lora_runs):
+    per_rank, _ = lora_runs
+    for key in ("adapter", "teacher"):
+        for name, tensor in per_rank[0][key].items():
+            assert torch.equal(tensor, per_rank[1][key][name]), f"{key} {name} differs between ranks"
+
+
+def test_resume_after_a_stop_mid_run_equals_the_uninterrupted_run(lora_runs):
+    per_rank, _ = lora_runs
+    for out in per_rank:
+        assert_close(out["resumed_adapter"], out["adapter"], 1e-6, "resumed adapter")
+        assert_close(out["resumed_teacher"], out["teacher"], 1e-6, "resumed EMA teacher")
+
+
+def test_only_rank_0_writes_metrics_and_checkpoints(setup, lora_runs):
+    root = setup[0]
+    lines = (root / "two_ranks" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, STEPS + 1))  # not one copy per rank
+    state = json.loads((root / "two_ranks" / "checkpoint-0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    resumed_lines = (root / "two_ranks_resumed" / "metrics.jsonl").read_text().splitlines()
+    assert len(resumed_lines) == STEPS
+    assert sorted(p.name for p in (root / "two_ranks").iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_setting_that_differs_across_ranks_is_named_on_every_rank(lora_runs):
+    per_rank, _ = lora_runs
+    for out in per_rank:
+        assert out["mismatch"] is not None
+        assert "lr (rank 0: 0.001, rank 1: 0.002)" in out["mismatch"]
+        assert "seed" not in out["mismatch"]  # only what differs
+
+
+def test_resume_needs_the_same_micro_batches_per_step(setup, lora_runs):
+    root, model_dir, tokenizer, encoded = setup
+    model = build_model(model_dir, lora_config(None))
+    with pytest.raises(ValueError, match=r"grad_accum=1 on 2 rank\(s\), this run has grad_accum=1 on 1"):
+        train(model, tokenizer, encoded, lora_config(root / "two_ranks_resumed"), resume_from="latest")
+
+
+def test_launch_is_read_from_torchrun_and_accelerate_variables():
+    assert Launch.from_environment({}) == Launch(0, 1, 0, "none")
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    assert Launch.from_environment({**torchrun, "TORCHELASTIC_RUN_ID": "x"}) == Launch(3, 4, 1, "torchrun")
+    assert (
+        Launch.from_environment({**torchrun, "ACCELERATE_MIXED_PRECISION": "no"}).launcher
+        == "accelerate launch"
+    )
+    with pytest.raises(ValueError, match="not LOCAL_RANK, MASTER_ADDR, MASTER_PORT"):
+        Launch.from_environment({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="do not describe a rank"):
+        Launch.from_environment({**torchrun, "RANK": "4"})
+
+
+def test_one_process_needs_no_process_group():
+    ranks = Ranks()
+    assert (ranks.rank, ranks.world_size, ranks.is_main) == (0, 1, True)
+    assert ranks.share([1, 2, 3]) == [1, 2, 3] and ranks.sum([2, 5]) == [2, 5]
