@@ -182,15 +182,16 @@ def cmd_train(args) -> int:
             tokenizer = load_tokenizer(model_path)
             _, encoded = _load_and_encode(args.data, tokenizer, args, method=config.method)
             model = build_model(model_path, config)
-        result = train(
-            model,
-            tokenizer,
-            encoded,
-            config,
-            resume_from=args.resume,
-            stop_after=args.stop_after,
-            ranks=ranks,
-        )
+        with ranks.collectives("training"):  # a rank that dies or hangs ends the others with one line
+            result = train(
+                model,
+                tokenizer,
+                encoded,
+                config,
+                resume_from=args.resume,
+                stop_after=args.stop_after,
+                ranks=ranks,
+            )
     finally:
         end_process_group(launch)
     if not ranks.is_main:

@@ -132,12 +132,16 @@ class Ranks:
 
     # -- failures ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _collective(self, what: str) -> Iterator[None]:
+    def collectives(self, what: str) -> Iterator[None]:
+        """Re-raise a failed collective inside the block as :class:`RankLost` saying what this rank
+        was doing (the block may hold other code: only communication failures are converted)."""
         try:
             yield
         except RankLost:
             raise
-        except (RuntimeError, ConnectionError) as error:  # DistBackendError / gloo / NCCL errors
+        except Exception as error:
+            if self.world_size == 1 or not is_collective_failure(error):
+                raise
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RankLost(
                 f"rank {self.rank} of {self.world_size}: {what} failed; another rank stopped, hung past "
@@ -177,7 +181,7 @@ class Ranks:
         if self.world_size == 1:
             return [value]
         out: list[Any] = [None] * self.world_size
-        with self._collective(what):
+        with self.collectives(what):
             dist.all_gather_object(out, value, group=self.group)
         return out
 
@@ -186,7 +190,7 @@ class Ranks:
         if self.world_size == 1:
             return list(values)
         tensor = self._tensor(list(values), torch.float64)
-        with self._collective(what):
+        with self.collectives(what):
             dist.all_reduce(tensor, group=self.group)
         return tensor.tolist()
 
@@ -199,7 +203,7 @@ class Ranks:
             [float(sums[k]) for k in sums] + [float(maxima[k]) for k in maxima], torch.float64
         )
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        with self._collective("reducing the step's metrics"):
+        with self.collectives("reducing the step's metrics"):
             dist.all_gather(parts, local, group=self.group)
         everyone = torch.stack(parts).cpu()  # [P, K]
         total, peak = everyone.sum(0).tolist(), everyone.max(0).values.tolist()
@@ -208,7 +212,7 @@ class Ranks:
 
     def barrier(self, what: str) -> None:
         if self.world_size > 1:
-            with self._collective(what):
+            with self.collectives(what):
                 dist.barrier(group=self.group)
 
     def share(self, items: Sequence[Any]) -> list[Any]:
@@ -224,7 +228,7 @@ class Ranks:
         """Overwrite ``tensors`` with rank 0's (in place, flattened per dtype)."""
         if self.world_size == 1:
             return
-        with self._collective(what):
+        with self.collectives(what):
             for bucket in _buckets(tensors):
                 flat = torch.cat([t.reshape(-1) for t in bucket])
                 source = 0 if self.group is None else dist.get_global_rank(self.group, 0)
@@ -244,7 +248,7 @@ class Ranks:
         for p in parameters:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        with self._collective("summing the gradients across ranks"):
+        with self.collectives("summing the gradients across ranks"):
             for bucket in _buckets([p.grad for p in parameters]):
                 flat = torch.cat([g.reshape(-1) for g in bucket])
                 dist.all_reduce(flat, group=self.group)
@@ -284,6 +288,17 @@ class Ranks:
                 f"rank {self.rank}: the ranks' weights diverged ({', '.join(diverged[:3])}"
                 f"{' ...' if len(diverged) > 3 else ''}); the run is not data-parallel any more"
             )
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """True for the errors a collective raises when a peer dies, hangs or disconnects: torch's
+    DistError family (NCCL, stores, timeouts) and gloo's transport errors (plain RuntimeErrors)."""
+    if isinstance(error, getattr(dist, "DistError", ())) or isinstance(error, ConnectionError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "peer")
+    )
 
 
 def bit_checksum(tensors: Sequence[torch.Tensor]) -> int:

@@ -63,11 +63,17 @@ from sdft_fast.checkpoint import (
 from sdft_fast.config import TrainConfig
 from sdft_fast.data import EncodedExample
 from sdft_fast.distributed import Ranks, check_run_agrees
+from sdft_fast.fsdp import shard_full_model
 from sdft_fast.lora import LoraConfig
 from sdft_fast.loss import linear_cross_entropy, reduce_token_losses, self_distill_loss, token_logprobs
 from sdft_fast.model import PairBatch, SelfDistillModel
-from sdft_fast.sampling import pad_token_id, stop_token_ids
+from sdft_fast.sampling import fill_id, pad_token_id, stop_token_ids
 from sdft_fast.schedule import DataCursor, make_optimizer, planned_steps
+from sdft_fast.sharded_checkpoint import (
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 
 
 @dataclass
@@ -209,7 +215,11 @@ class Trainer:
         self.examples = list(examples)
         self.config = config
         self.total_steps = planned_steps(len(self.examples), config, self.ranks.world_size)
-        if self.ranks.world_size > 1:  # identical starts, as DDP does: rank 0's trainable weights and teacher
+        # Full fine-tuning on several ranks: FSDP2 shards (before the optimizer sees the parameters).
+        self.sharded = self.ranks.world_size > 1 and model.lora_config is None
+        if self.sharded:
+            shard_full_model(model)
+        elif self.ranks.world_size > 1:  # identical starts, as DDP does: rank 0's adapter and teacher
             for state, load in (
                 (model.trainable_state_dict(), model.load_trainable_state_dict),
                 (model.teacher_state_dict(), model.load_teacher_state_dict),
@@ -287,6 +297,8 @@ class Trainer:
                             _split_by_sequence(logp.float().cpu(), out.sequence_ids.cpu(), len(nonempty))
                         ):
                             per_sequence[nonempty[row]] = values.tolist()
+                    elif self.sharded:  # every rank runs every FSDP2 pass (they are collectives)
+                        self.model.forward_student(prompts[:1], [self._stand_in_completion()])
                     rollout_logprobs.extend(per_sequence)
         return _Rollouts(
             example_indices=indices,
@@ -304,7 +316,7 @@ class Trainer:
         config = self.config
         keep = [j for j, c in enumerate(completions) if len(c) > config.skip_tokens]
         if not keep:
-            return None
+            return self._stand_in_loss(indices[0]) if self.sharded else None
         batch = PairBatch(
             student_prompts=[self.examples[indices[j]].student_prompt_ids for j in keep],
             teacher_prompts=[self.examples[indices[j]].teacher_prompt_ids for j in keep],
@@ -365,6 +377,29 @@ class Trainer:
         if mean_ratio is not None:
             stats["importance_ratio"] = mean_ratio
         return loss, stats
+
+    def _stand_in_completion(self) -> list[int]:
+        return [fill_id(self.pad_id, self.stop_ids)]
+
+    def _stand_in_loss(self, index: int) -> tuple[torch.Tensor, dict]:
+        """A rank with nothing to score in a micro-batch still runs the FSDP2 forward and backward
+        (collectives every rank must join): one example with a one-token stand-in completion, every
+        token masked, so the loss and its gradients are 0."""
+        example = self.examples[index]
+        out = self.model.forward_pair(
+            PairBatch(
+                [example.student_prompt_ids], [example.teacher_prompt_ids], [self._stand_in_completion()]
+            )
+        )
+        loss = self_distill_loss(
+            out.student_hidden,
+            out.teacher_hidden,
+            self.model.lm_head_weight,
+            self.model.lm_head_bias,
+            loss_mask=torch.zeros_like(out.completion_positions, dtype=torch.bool),
+            sequence_ids=out.sequence_ids,
+        )
+        return loss, {"sequences": 0, "tokens": 0, "divergence": 0.0}
 
     def _sft_micro_loss(self, indices) -> tuple[torch.Tensor, dict]:
         prompts = [self.examples[i].student_prompt_ids for i in indices]
@@ -445,7 +480,8 @@ class Trainer:
             tokens += stats["tokens"]
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.ranks.sum_gradients_(params)
+        if not self.sharded:  # FSDP2 reduce-scattered them in the backward
+            self.ranks.sum_gradients_(params)
         if config.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         else:
@@ -536,9 +572,8 @@ class Trainer:
         }
 
     def restore(self, checkpoint: str | os.PathLike) -> None:
-        state = load_checkpoint(
-            checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
-        )
+        load = load_sharded_checkpoint if is_sharded_checkpoint(checkpoint) else load_checkpoint
+        state = load(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         if state["num_examples"] != len(self.examples):
             raise ValueError(
                 f"{checkpoint}: saved with {state['num_examples']} examples, this run has {len(self.examples)}; "
@@ -697,6 +732,19 @@ def train(
         if output_dir is None:
             return
         state = trainer.trainer_state()  # every rank: gathers the pending rollouts
+        if trainer.sharded:  # every rank writes its shards
+            last_checkpoint = str(
+                save_sharded_checkpoint(
+                    output_dir,
+                    model=model,
+                    optimizer=trainer.optimizer,
+                    scheduler=trainer.scheduler,
+                    trainer_state=state,
+                    keep=config.keep_checkpoints,
+                    ranks=ranks,
+                )
+            )
+            return
         ranks.check_in_step({**model.trainable_state_dict(), **model.teacher_state_dict()})
         if ranks.is_main:
             last_checkpoint = str(
@@ -731,8 +779,13 @@ def train(
             if config.save_every and trainer.step % config.save_every == 0 and trainer.step != end_step:
                 checkpoint()
         checkpoint()
-        if output_dir is not None and trainer.step == trainer.total_steps and ranks.is_main:
-            # The user-facing result: a PEFT adapter folder (LoRA) or the full weights (full FT).
+        if (
+            output_dir is not None
+            and trainer.step == trainer.total_steps
+            and (ranks.is_main or trainer.sharded)
+        ):
+            # The user-facing result: a PEFT adapter folder (LoRA) or the full weights (full FT;
+            # sharded: every rank sends its shards, rank 0 writes).
             model.save_adapter(output_dir / "final")
         if eval_fn is not None and trainer.step == trainer.total_steps:
             emit({"step": trainer.step, "eval": True, **eval_fn(model, trainer.step)})

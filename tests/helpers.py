@@ -148,39 +148,96 @@ def save_tiny_llama(folder, seed: int = 0):
     return folder
 
 
-def run_ranks(fn, world_size: int, tmp_path, *args, timeout_s: float = 120.0):
+def run_ranks(
+    fn,
+    world_size: int,
+    tmp_path,
+    *args,
+    timeout_s: float = 120.0,
+    group_timeout_s: float = 600.0,
+    wait_for=None,
+):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked processes joined by a gloo
-    process group (a file store under ``tmp_path``); return each rank's return value, in rank
-    order. Forked, not spawned: the children inherit the imported torch and transformers (a
-    fresh interpreter costs seconds on the shared CI machine). A rank that raises fails the call
-    with its traceback; ranks still running after ``timeout_s`` are killed and fail it too.
+    process group (a file store under ``tmp_path``, collectives timing out after
+    ``group_timeout_s``); return each rank's return value in rank order, None for a rank that was
+    killed. ``wait_for``: the ranks to wait for (default all); the others are killed once they end. Forked, not spawned: the children inherit the imported torch and transformers (a fresh
+    interpreter costs seconds on the shared CI machine). A rank that raises fails the call with its
+    traceback; ranks still running after ``timeout_s`` are killed and fail it too.
     """
+    import datetime
+    import multiprocessing
     import os
     import time
+    import traceback
     from pathlib import Path
 
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     folder = Path(tmp_path) / f"ranks-{time.monotonic_ns()}"
     folder.mkdir(parents=True)
 
     def main(rank):
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, init_method=f"file://{folder / 'store'}"
-        )
         try:
+            torch.set_num_threads(1)
+            dist.init_process_group(
+                "gloo",
+                rank=rank,
+                world_size=world_size,
+                init_method=f"file://{folder / 'store'}",
+                timeout=datetime.timedelta(seconds=group_timeout_s),
+            )
             torch.save(fn(rank, world_size, *args), folder / f"result-{rank}.pt")
-        finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():  # fn may have left the group itself (the CLI does)
+                dist.destroy_process_group()
+        except BaseException:
+            (folder / f"error-{rank}.txt").write_text(traceback.format_exc())
+            os._exit(1)
+        os._exit(0)
 
-    context = mp.start_processes(main, nprocs=world_size, join=False, start_method="fork")
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=main, args=(rank,), daemon=True) for rank in range(world_size)]
+    for process in processes:
+        process.start()
     deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    os.kill(process.pid, 9)
-            raise TimeoutError(f"run_ranks: ranks still running after {timeout_s} s")
-    return [torch.load(folder / f"result-{rank}.pt", weights_only=False) for rank in range(world_size)]
+    waited = range(world_size) if wait_for is None else wait_for
+    for rank in waited:
+        processes[rank].join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank in waited if processes[rank].is_alive()]
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, 9)
+    errors = [(folder / f"error-{rank}.txt") for rank in range(world_size)]
+    failures = [f"rank {rank}:\n{e.read_text()}" for rank, e in enumerate(errors) if e.exists()]
+    if failures:
+        raise AssertionError("\n".join(failures))
+    if hung:
+        raise TimeoutError(f"run_ranks: ranks {hung} still running after {timeout_s} s")
+    return [
+        torch.load(folder / f"result-{rank}.pt", weights_only=False)
+        if (folder / f"result-{rank}.pt").exists()
+        else None
+        for rank in range(world_size)
+    ]
+
+
+def tiny_training_setup(folder, rows):
+    """A tiny Llama folder (:func:`save_tiny_llama`), its tokenizer, and ``rows`` written as JSONL and
+    encoded for training: (model_dir, tokenizer, encoded examples)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, DataLimits, encode_examples, load_examples
+
+    folder = Path(folder)
+    model_dir = save_tiny_llama(folder / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    encoded = encode_examples(
+        load_examples(folder / "data.jsonl"),
+        tokenizer,
+        limits=DataLimits(max_prompt_tokens=128, max_teacher_prompt_tokens=512, max_completion_tokens=64),
+        teacher_template=DEFAULT_TEACHER_TEMPLATE,
+    )
+    return model_dir, tokenizer, encoded

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from helpers import run_ranks, save_tiny_llama
+from helpers import run_ranks, tiny_training_setup
 
 from sdft_fast.config import TrainConfig
-from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, DataLimits, encode_examples, load_examples
 from sdft_fast.distributed import Launch, Ranks, SameOnEveryRank, check_run_agrees
 from sdft_fast.trainer import build_model, train
 
@@ -21,19 +20,8 @@ STOP = 3  # mid-way through the second batch of rollouts (num_iterations=2): pen
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("distributed")
-    model_dir = save_tiny_llama(root / "model")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    (root / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    encoded = encode_examples(
-        load_examples(root / "data.jsonl"),
-        tokenizer,
-        limits=DataLimits(max_prompt_tokens=128, max_teacher_prompt_tokens=512, max_completion_tokens=64),
-        teacher_template=DEFAULT_TEACHER_TEMPLATE,
-    )
-    return root, model_dir, tokenizer, encoded
+    return (root, *tiny_training_setup(root, ROWS))
 
 
 def lora_config(output_dir, **overrides) -> TrainConfig:
@@ -179,3 +167,91 @@ def test_one_process_needs_no_process_group():
     ranks = Ranks()
     assert (ranks.rank, ranks.world_size, ranks.is_main) == (0, 1, True)
     assert ranks.share([1, 2, 3]) == [1, 2, 3] and ranks.sum([2, 5]) == [2, 5]
+
+
+def cli_rank_killed_after_checkpoint_2(rank, world_size, data, model_dir, out):
+    """`sdft-fast train` as torchrun would start it (RANK, WORLD_SIZE, ... set; the group already
+    joined here); rank 1 is killed once checkpoint 2 exists."""
+    import contextlib
+    import io
+    import os
+    import signal
+    import threading
+    import time
+
+    from sdft_fast.checkpoint import latest_checkpoint
+    from sdft_fast.cli import main
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="-", MASTER_PORT="0")
+    if rank == 1:
+
+        def kill_after_checkpoint_2():
+            while (found := latest_checkpoint(out)) is None or int(found.name.split("-")[1]) < 2:
+                time.sleep(0.05)
+            (out / "killed_at").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=kill_after_checkpoint_2, daemon=True).start()
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out)]
+    argv += ["--device", "cpu", "--batch-size", "2", "--max-steps", "1000", "--max-new-tokens", "6"]
+    argv += ["--lora-rank", "4", "--save-every", "1", "--no-progress", "--no-tensorboard"]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(argv)
+    return code, stderr.getvalue(), time.time()
+
+
+def test_a_killed_rank_ends_the_others_with_one_clear_line_and_keeps_the_checkpoints(setup, tmp_path):
+    from sdft_fast.checkpoint import latest_checkpoint
+
+    _, model_dir, _, _ = setup
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    out = tmp_path / "run"
+    args = (data, model_dir, out)
+    code, stderr, ended = run_ranks(cli_rank_killed_after_checkpoint_2, 2, tmp_path, *args, timeout_s=90)[0]
+    assert code == 1
+    assert ended - float((out / "killed_at").read_text()) < 60
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("sdft-fast train: error: rank 0 of 2:"), stderr[-2000:]
+    assert "resume with --resume" in lines[-1] and "Traceback" not in stderr
+    checkpoint = latest_checkpoint(out)  # complete: trainer_state.json is written last
+    assert int(checkpoint.name.split("-")[1]) >= 2
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
+
+
+def hang_rank_1(rank, world_size, setup):
+    import os
+    import signal
+    import time
+
+    from sdft_fast.distributed import RankLost
+
+    root, model_dir, tokenizer, encoded = setup
+
+    def stop_rank_1(model, step):
+        if rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGSTOP)  # hung, not dead: its sockets stay open
+        return {}
+
+    started = time.monotonic()
+    try:
+        train(
+            build_model(model_dir, lora_config(None)),
+            tokenizer,
+            encoded,
+            lora_config(None, eval_every=1, max_steps=5),
+            eval_fn=stop_rank_1,
+        )
+    except RankLost as error:
+        return str(error), time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+def test_a_hung_rank_ends_the_others_after_the_collective_timeout(setup):
+    # Rank 1 stops (SIGSTOP) at step 2 and never ends by itself: run_ranks kills it once rank 0 returned.
+    per_rank = run_ranks(hang_rank_1, 2, setup[0], setup, timeout_s=60, group_timeout_s=3, wait_for=[0])
+    message, elapsed = per_rank[0]
+    assert message is not None, "rank 0 finished the run although rank 1 hung"
+    assert message.startswith("rank 0 of 2:") and "resume with --resume" in message
+    assert elapsed < 30  # the 3 s collective timeout, not a hang
