@@ -119,7 +119,7 @@ def train_settings(args) -> dict:
         device="cpu",
         dtype="float32",
         progress=not args.no_progress,
-        tensorboard=False,
+        report_to="none",
         save_every=0,
     )
     if args.method == "sdft":
@@ -294,7 +294,7 @@ def peer_train_ours(args, rows: Path, out: Path) -> float:
         "--batch-size", str(PEER["batch_size"]), "--num-generations", "1",
         "--max-new-tokens", str(PEER["max_new_tokens"]), "--temperature", "1.0",
         "--max-steps", str(PEER["steps"]), "--warmup-steps", "0", "--rollout-source", args.rollout_source,
-        "--dtype", "float32", "--device", "cpu", "--no-progress", "--no-tensorboard",
+        "--dtype", "float32", "--device", "cpu", "--no-progress", "--report-to", "none",
     ]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))

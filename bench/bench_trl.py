@@ -77,9 +77,10 @@ def git_commit() -> str:
 def run_ours(args) -> dict:
     import torch
 
-    from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, DataLimits, Example, encode_examples
     from sdft_fast.config import TrainConfig
-    from sdft_fast.trainer import build_model, train
+    from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, DataLimits, Example, encode_examples
+    from sdft_fast.run import train
+    from sdft_fast.trainer import build_model
 
     torch.set_num_threads(args.threads)
     model_path = Path(args.model)
@@ -109,7 +110,7 @@ def run_ours(args) -> dict:
         dtype="float32",
         device="cpu",
         progress=False,
-        tensorboard=False,
+        report_to="none",
     )
     model = build_model(model_path, config)
     result = train(model, tokenizer, encoded, config)

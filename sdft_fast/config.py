@@ -20,6 +20,31 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Where an SDFT rollout is sampled: the student prompt (on-policy, the paper's), the teacher prompt (the
 # same policy shown the demonstration, TRL's generate_from_teacher), or a mix of the two in each step.
 ROLLOUT_SOURCES = ("student", "teacher", "mix")
+REPORTERS = ("tensorboard", "none")  # where metrics go besides metrics.jsonl
+
+
+class ConfigError(ValueError):
+    """A setting the loop cannot run with. ``field`` names the TrainConfig field; the CLI shows it
+    as its flag (``--alpha``), Python callers see ``TrainConfig.alpha=...``."""
+
+    def __init__(self, field_name: str, value: Any, why: str):
+        self.field = field_name
+        self.value = value
+        self.why = why
+        super().__init__(f"TrainConfig.{field_name}={value!r}: {why}")
+
+    @property
+    def flag(self) -> str:
+        return flag_name(self.field)
+
+    def as_flag(self) -> str:
+        """The message with the flag the user typed: ``--alpha 2.0: must lie in [0, 1]``."""
+        return f"{self.flag} {self.value}: {self.why}"
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag of a TrainConfig field: ``lora_rank`` -> ``--lora-rank``."""
+    return "--" + field_name.replace("_", "-")
 
 
 def setting(default: Any, help: str, *, flag: bool = True, choices: tuple | None = None, type: Any = None):
@@ -119,9 +144,20 @@ class TrainConfig:
         2, "checkpoints kept (older ones are deleted once a newer one is complete)"
     )
     log_every: int = setting(1, "metrics row every N steps")
-    eval_every: int = setting(0, "evaluate every N steps, 0 = only at the end", flag=False)
+    eval_every: int = setting(0, "evaluate on --eval-data every N steps, 0 = only at the end")
     progress: bool = setting(True, "tqdm bar on stderr", flag=False)
-    tensorboard: bool = setting(True, "TensorBoard events when tensorboard is importable", flag=False)
+    report_to: str = setting(
+        "tensorboard",
+        "where metrics go besides metrics.jsonl: tensorboard (events under OUTPUT_DIR/tensorboard; "
+        "a notice when the package is missing) | none",
+        choices=REPORTERS,
+    )
+    # -- memory
+    gradient_checkpointing: bool = setting(
+        False,
+        "recompute each decoder layer's student activations in the backward instead of keeping them "
+        "(less activation memory, about one more student forward of compute)",
+    )
     # -- several processes (torchrun / accelerate launch; sdft_fast.distributed)
     dist_timeout_s: float = setting(
         600.0, "seconds a rank waits for the others at a collective before the job ends with an error"
@@ -135,12 +171,13 @@ class TrainConfig:
         """Raise ``ValueError`` naming the field for a value the loop cannot run with."""
 
         def fail(name: str, value: Any, why: str) -> None:
-            raise ValueError(f"TrainConfig.{name}={value!r}: {why}")
+            raise ConfigError(name, value, why)
 
         for name in (f.name for f in dataclasses.fields(self)):
+            value = getattr(self, name)
             choices = self.__dataclass_fields__[name].metadata.get("choices")
-            if choices and getattr(self, name) not in choices:
-                fail(name, getattr(self, name), f"must be one of {choices}")
+            if choices and value not in choices:
+                fail(name, value, f"must be one of {', '.join(choices)}")
         if not 0.0 <= self.alpha <= 1.0:
             fail("alpha", self.alpha, "must lie in [0, 1]")
         for name in ("temperature", "loss_temperature", "lr", "importance_cap", "epochs", "dist_timeout_s"):
@@ -194,10 +231,19 @@ class TrainConfig:
             fail("keep_checkpoints", self.keep_checkpoints, "must be >= 1 (the last good checkpoint is kept)")
         if self.max_steps is not None and self.max_steps < 1:
             fail("max_steps", self.max_steps, "must be >= 1 or None")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            fail("lora_alpha", self.lora_alpha, "must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            fail("lora_dropout", self.lora_dropout, "must lie in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             fail("min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
         if self.weight_decay < 0:
             fail("weight_decay", self.weight_decay, "must be >= 0")
+        for name in (f.name for f in dataclasses.fields(self)):
+            # NaN passes every comparison above unnoticed, and inf is no setting either.
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(name, value, "must be a finite number")
 
     @property
     def sequences_per_step(self) -> int:
@@ -225,6 +271,64 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig: unknown fields {unknown}")
         return cls(**values)
+
+
+# Fields that say how a run is watched and saved, not what it computes: a resumed run may change
+# them freely.
+RESUME_FREE_FIELDS = (
+    "output_dir",
+    "device",  # where the same run continues (a launcher gives every rank its own cuda:N)
+    "dist_timeout_s",
+    "progress",
+    "report_to",
+    "log_every",
+    "save_every",
+    "keep_checkpoints",
+    "eval_every",
+)
+# Fields a resumed run may change when the user says so explicitly (``allow_harmless_changes``):
+# the run continues from the same state, only its length, place or kernels differ.
+RESUME_HARMLESS_FIELDS = ("max_steps", "epochs", "loss_impl", "gradient_checkpointing")
+
+
+class SettingsChanged(ValueError):
+    """A resume whose settings differ from the checkpoint's. ``differences`` maps each field to
+    (checkpoint's value, this run's value); ``harmless`` says which of them the user may allow."""
+
+    def __init__(self, checkpoint: str, differences: dict[str, tuple[Any, Any]]):
+        self.checkpoint = checkpoint
+        self.differences = differences
+        self.harmless = [name for name in differences if name in RESUME_HARMLESS_FIELDS]
+        listed = ", ".join(
+            f"{name}={now!r} (checkpoint: {saved!r})" for name, (saved, now) in differences.items()
+        )
+        super().__init__(f"{checkpoint}: resume with changed settings: {listed}")
+
+    def as_flags(self) -> str:
+        listed = ", ".join(
+            f"{flag_name(name)} {now} (checkpoint: {saved})"
+            for name, (saved, now) in self.differences.items()
+        )
+        hint = "drop those flags to continue with the checkpoint's values, or start a new run"
+        if self.harmless and len(self.harmless) == len(self.differences):
+            hint = "add --allow-harmless-changes to continue with the new values"
+        return f"--resume {self.checkpoint}: these settings differ from the checkpoint's: {listed}; {hint}"
+
+
+def resume_differences(
+    saved: dict[str, Any], current: TrainConfig, *, allow_harmless: bool
+) -> dict[str, tuple[Any, Any]]:
+    """The settings of ``current`` that differ from a checkpoint's ``saved`` config and may not."""
+    now = current.to_dict()
+    # A field the checkpoint does not know was added since: that run ran with its default.
+    defaults = TrainConfig().to_dict()
+    # grad_accum may change with the number of ranks (their product is checked by the trainer).
+    allowed = {"grad_accum", *RESUME_FREE_FIELDS} | (set(RESUME_HARMLESS_FIELDS) if allow_harmless else set())
+    return {
+        name: (saved.get(name, defaults[name]), value)
+        for name, value in now.items()
+        if name not in allowed and saved.get(name, defaults[name]) != value
+    }
 
 
 def flag_fields() -> list[dataclasses.Field]:

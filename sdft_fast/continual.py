@@ -137,7 +137,7 @@ def _rows_digest(rows: Sequence[Example]) -> str:
 
 def run_identity(plan: Plan, configs: Sequence[TrainConfig], method: str, model_name: str) -> dict[str, Any]:
     """What a run's results depend on; a resume must find the same (``_first_difference`` names a change)."""
-    volatile = {"output_dir", "progress", "tensorboard"}
+    volatile = {"output_dir", "progress", "report_to"}
     return {
         "method": method,
         "model": model_name,
@@ -217,10 +217,12 @@ def run_continual(
     model's first and then one per stage (with that stage's training summary under ``train``), and
     the run's ``identity``. The replies behind each evaluation go to ``run_dir/answers/``.
     """
-    from sdft_fast.checkpoint import latest_checkpoint, load_model_state
+    from sdft_fast.checkpoint import find_intact_checkpoint, load_model_state
     from sdft_fast.default_model import load_tokenizer
     from sdft_fast.eval import reference_logprobs
-    from sdft_fast.trainer import build_model, train
+    from sdft_fast.run import train
+    from sdft_fast.run_dir import stderr_notice
+    from sdft_fast.trainer import build_model
 
     run_dir = Path(run_dir)
     configs = stage_configs(plan, method, run_dir, overrides)  # bad settings fail before any model work
@@ -290,10 +292,10 @@ def run_continual(
         if number < len(state["evaluations"]):
             continue  # trained and scored by an earlier call
         folder = Path(config.output_dir)
-        resume = latest_checkpoint(folder)
+        resume = find_intact_checkpoint(folder, warn=stderr_notice)
         if resume is None and number > 1:
             # Start where the previous stage ended (its last checkpoint is its final step).
-            previous = latest_checkpoint(Path(configs[number - 2].output_dir))
+            previous = find_intact_checkpoint(Path(configs[number - 2].output_dir), warn=stderr_notice)
             if previous is None:
                 raise FileNotFoundError(
                     f"stage {number - 1} ({plan.stages[number - 2].name}) has no checkpoint in "
@@ -304,7 +306,11 @@ def run_continual(
             f"{method}: stage {number}/{len(plan.stages)} ({stage.name}): {len(rows)} rows"
             + (f", resuming from {resume.name}" if resume is not None else "")
         )
-        result = train(model, tokenizer, rows, config, resume_from=resume)
+        # The stage's folder belongs to this run: without a checkpoint to resume, a stage killed
+        # before its first one starts anew.
+        result = train(
+            model, tokenizer, rows, config, resume_from=resume, overwrite_output_dir=resume is None
+        )
         evaluation = evaluate(model, number)
         # train_s: this call's training time (a resumed stage counts the part after the resume).
         evaluation["train"] = {

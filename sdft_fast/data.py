@@ -10,13 +10,18 @@ chat tokenizer both become one user turn rendered by `tokenizer.apply_chat_templ
 add_generation_prompt=True)`; without one the text is tokenized as is.
 
 Every row is checked before any training starts. A bad row raises `DataError`, whose message names
-the file, the row (1-based line number in a JSONL file, 1-based index in a dataset) and the field.
-Nothing is truncated: a prompt that does not fit its limit is an error, because cutting the teacher's
-prompt would cut the demonstration it is supposed to condition on.
+the file, the row (1-based line number in a JSONL file, 1-based index in a dataset) and the field; a
+byte that is not UTF-8 is named by its line and its byte offset. By default nothing is truncated: a
+row over a token limit is an error, because cutting the teacher's prompt would cut the demonstration
+it is supposed to condition on. `encode_examples(overlong="truncate")` cuts the demonstration to fit
+(and skips rows whose prompt alone is too long), `overlong="skip"` leaves such rows out; an
+`EncodeReport` lists them. A row far over its limit is refused from its length in characters,
+before the tokenizer spends time and memory on it (`max_row_chars`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import string
@@ -84,6 +89,47 @@ class DataLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DataLimits.{name} must be a positive int, got {value!r}")
+
+
+@dataclass
+class EncodeReport:
+    """Rows `encode_examples` truncated or skipped (``overlong``): (source, row, what happened)."""
+
+    truncated: list[tuple[str, int, str]] = field(default_factory=list)
+    skipped: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def notices(self) -> list[str]:
+        """One line per kind, naming the first rows."""
+        lines = []
+        for kind, entries in (("truncated", self.truncated), ("skipped", self.skipped)):
+            if entries:
+                shown = "; ".join(f"{source} row {row}: {what}" for source, row, what in entries[:3])
+                more = f"; {len(entries) - 3} more" if len(entries) > 3 else ""
+                lines.append(f"{len(entries)} row(s) over a token limit {kind}: {shown}{more}")
+        return lines
+
+
+# A token stands for at most its vocabulary entry's characters (byte-level vocabularies spell one
+# byte per character; SentencePiece one character per character), so a text longer than
+# limit x longest entry cannot fit `limit` tokens. The margin covers tokenizers whose normalizer
+# merges or drops characters; the exact token count is checked after tokenizing anyway.
+ROW_CHARS_MARGIN = 4
+
+
+def max_row_chars(tokenizer, token_limit: int) -> int:
+    """Characters beyond which a text cannot fit ``token_limit`` tokens (see ROW_CHARS_MARGIN)."""
+    longest = getattr(tokenizer, "_sdft_longest_token", None)
+    if longest is None:
+        longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        try:
+            tokenizer._sdft_longest_token = longest  # get_vocab() of a 150k vocabulary takes ~50 ms
+        except AttributeError:
+            pass
+    return token_limit * max(1, longest) * ROW_CHARS_MARGIN
+
+
+def _chars(prompt: str | list[dict]) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
 
 
 @dataclass(frozen=True)
@@ -195,21 +241,31 @@ def _read_jsonl(path: Path, require_demonstration: bool) -> list[Example]:
     source = str(path)
     examples = []
     try:
-        handle = open(path, encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as error:
         raise DataError(source, None, None, f"cannot open: {error}") from error
-    with handle:
+    offset = 0  # of the current line in the file
+    for line_number, raw_line in enumerate(raw.split(b"\n"), start=1):
+        line_offset, offset = offset, offset + len(raw_line) + 1
         try:
-            lines = list(handle)
+            # A byte-order mark may open the file; it is no part of the first row.
+            line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
         except UnicodeDecodeError as error:
-            raise DataError(source, None, None, f"is not valid UTF-8: {error}") from error
-    for line_number, line in enumerate(lines, start=1):
+            raise DataError(
+                source,
+                line_number,
+                None,
+                f"byte {error.start + 1} of the line (file offset {line_offset + error.start}) is not valid "
+                f"UTF-8 (0x{raw_line[error.start]:02x}); save the file as UTF-8",
+            ) from None
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not rows
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(source, line_number, None, f"invalid JSON: {error.msg}") from error
+            raise DataError(
+                source, line_number, None, f"invalid JSON: {error.msg} (column {error.colno})"
+            ) from error
         examples.append(
             parse_record(record, source=source, row=line_number, require_demonstration=require_demonstration)
         )
@@ -375,6 +431,17 @@ def _eos_token_id(tokenizer) -> int:
     return int(eos)
 
 
+class _Overlong(Exception):
+    """A row over a limit: the DataError to raise, whether cutting the demonstration can help, and
+    by how much it is over (characters, before tokenizing; else tokens)."""
+
+    def __init__(self, error: DataError, demonstration_fits: bool, excess_chars: int, excess_tokens: int):
+        self.error = error
+        self.demonstration_fits = demonstration_fits
+        self.excess_chars = excess_chars
+        self.excess_tokens = excess_tokens
+
+
 def encode_examples(
     examples: Iterable[Example],
     tokenizer,
@@ -383,6 +450,8 @@ def encode_examples(
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE,
     use_chat_template: bool | None = None,
     check_demonstration_length: bool = True,
+    overlong: str = "error",
+    report: EncodeReport | None = None,
 ) -> list[EncodedExample]:
     """Tokenize student prompts, teacher prompts and SFT targets; check every limit first.
 
@@ -390,57 +459,128 @@ def encode_examples(
     check_demonstration_length: the demonstration (+EOS) is the SFT target and must fit
       `max_completion_tokens`. SDFT never trains on it (the teacher only reads it, within the teacher
       prompt limit), so an SDFT run with long demonstrations may pass False.
-    Raises DataError (file, row, field) for the first row that does not fit.
+    overlong: a row over a limit raises DataError (file, row, field) with "error"; "truncate" cuts
+      its demonstration until the teacher prompt and the SFT target fit (a cut SFT target gets no
+      EOS: the answer was cut, not finished) and skips a row whose student prompt alone is too long;
+      "skip" leaves every such row out. `report` (an EncodeReport) receives what was cut or skipped.
     """
+    if overlong not in ("error", "truncate", "skip"):
+        raise ValueError(f"overlong must be 'error', 'truncate' or 'skip', got {overlong!r}")
     limits = limits or DataLimits()
+    report = report if report is not None else EncodeReport()
     validate_teacher_template(teacher_template)
     if use_chat_template is None:
         use_chat_template = has_chat_template(tokenizer)
     eos_id = _eos_token_id(tokenizer)
     encoded = []
     for example in examples:
-        student_ids = encode_prompt(tokenizer, example.prompt, use_chat_template)
-        if len(student_ids) > limits.max_prompt_tokens:
-            raise DataError(
-                example.source,
-                example.row,
-                "prompt",
-                f"student prompt has {len(student_ids)} tokens, more than max_prompt_tokens="
-                f"{limits.max_prompt_tokens}",
+        demonstration = example.demonstration
+        cut = ""
+        for _ in range(8):  # each pass cuts the demonstration by the tokens it was over
+            try:
+                item = _encode_one(
+                    example, demonstration, tokenizer, limits, teacher_template, use_chat_template, eos_id
+                )
+                break
+            except _Overlong as over:
+                if overlong == "error":
+                    raise over.error from None
+                if overlong == "skip" or not over.demonstration_fits:
+                    report.skipped.append((example.source, example.row, over.error.problem))
+                    item = None
+                    break
+                demonstration, cut = _cut_demonstration(tokenizer, demonstration, over), over.error.problem
+        else:  # pragma: no cover - the cut converges in one or two passes
+            report.skipped.append((example.source, example.row, "demonstration could not be cut to fit"))
+            continue
+        if item is None:
+            continue
+        if check_demonstration_length and len(item.demonstration_ids) > limits.max_completion_tokens:
+            problem = (
+                f"demonstration has {len(item.demonstration_ids)} tokens with EOS, more than "
+                f"max_completion_tokens={limits.max_completion_tokens} (the SFT target)"
             )
-        teacher_ids = encode_prompt(
-            tokenizer,
-            teacher_prompt(example.prompt, example.demonstration, teacher_template),
-            use_chat_template,
-        )
-        if len(teacher_ids) > limits.max_teacher_prompt_tokens:
-            raise DataError(
-                example.source,
-                example.row,
-                "demonstration",
-                f"teacher prompt (prompt + demonstration + template) has {len(teacher_ids)} tokens, more "
-                f"than max_teacher_prompt_tokens={limits.max_teacher_prompt_tokens}",
+            if overlong == "error":
+                raise DataError(example.source, example.row, "demonstration", problem)
+            if overlong == "skip":
+                report.skipped.append((example.source, example.row, problem))
+                continue
+            cut = cut or problem
+            item = dataclasses.replace(
+                item, demonstration_ids=item.demonstration_ids[: limits.max_completion_tokens]
             )
-        demonstration_ids = _encode_text(tokenizer, example.demonstration, add_special_tokens=False) + [
-            eos_id
-        ]
-        if check_demonstration_length and len(demonstration_ids) > limits.max_completion_tokens:
-            raise DataError(
-                example.source,
-                example.row,
-                "demonstration",
-                f"demonstration has {len(demonstration_ids)} tokens with EOS, more than "
-                f"max_completion_tokens={limits.max_completion_tokens} (the SFT target)",
-            )
-        encoded.append(
-            EncodedExample(
-                student_prompt_ids=student_ids,
-                teacher_prompt_ids=teacher_ids,
-                demonstration_ids=demonstration_ids,
-                answers=example.answers,
-                row=example.row,
-                source=example.source,
-                meta=dict(example.meta),
-            )
-        )
+        if cut:
+            report.truncated.append((example.source, example.row, f"demonstration cut: {cut}"))
+        encoded.append(item)
     return encoded
+
+
+def _cut_demonstration(tokenizer, demonstration: str, over: _Overlong) -> str:
+    """The demonstration shortened by what the teacher prompt was over (its start kept): by
+    characters while it is too long to tokenize, then by tokens."""
+    if over.excess_chars:
+        return demonstration[: max(0, len(demonstration) - over.excess_chars)]
+    ids = _encode_text(tokenizer, demonstration, add_special_tokens=False)
+    keep = max(0, len(ids) - max(1, over.excess_tokens))
+    return tokenizer.decode(ids[:keep]).rstrip("\ufffd")  # no half character at the cut
+
+
+def _encode_one(example, demonstration, tokenizer, limits, teacher_template, use_chat_template, eos_id):
+    """One row's encodings, or _Overlong for its first limit it does not fit."""
+    source, row = example.source, example.row
+
+    def overlong(field_name, problem, demonstration_fits, *, excess_chars=0, excess_tokens=0) -> _Overlong:
+        problem += " (--overlong truncate or skip lets such rows through)"
+        error = DataError(source, row, field_name, problem)
+        return _Overlong(error, demonstration_fits, excess_chars, excess_tokens)
+
+    prompt_chars = _chars(example.prompt)
+    bound = max_row_chars(tokenizer, limits.max_prompt_tokens)
+    if prompt_chars > bound:
+        raise overlong(
+            "prompt",
+            f"has {prompt_chars:,} characters: more than max_prompt_tokens={limits.max_prompt_tokens} "
+            f"tokens can hold ({bound:,}), refused before tokenizing",
+            False,
+        )
+    bound = max_row_chars(tokenizer, limits.max_teacher_prompt_tokens)
+    if prompt_chars + len(demonstration) > bound:
+        # Cheap first cut: the characters over the bound (then the token count decides).
+        raise overlong(
+            "demonstration",
+            f"prompt + demonstration have {prompt_chars + len(demonstration):,} characters: more than "
+            f"max_teacher_prompt_tokens={limits.max_teacher_prompt_tokens} tokens can hold ({bound:,}), "
+            "refused before tokenizing",
+            prompt_chars < bound,
+            excess_chars=prompt_chars + len(demonstration) - bound,
+        )
+    student_ids = encode_prompt(tokenizer, example.prompt, use_chat_template)
+    if len(student_ids) > limits.max_prompt_tokens:
+        raise overlong(
+            "prompt",
+            f"student prompt has {len(student_ids)} tokens, more than max_prompt_tokens={limits.max_prompt_tokens}",
+            False,
+        )
+    teacher_ids = encode_prompt(
+        tokenizer, teacher_prompt(example.prompt, demonstration, teacher_template), use_chat_template
+    )
+    if len(teacher_ids) > limits.max_teacher_prompt_tokens:
+        excess = len(teacher_ids) - limits.max_teacher_prompt_tokens
+        raise overlong(
+            "demonstration",
+            f"teacher prompt (prompt + demonstration + template) has {len(teacher_ids)} tokens, more than "
+            f"max_teacher_prompt_tokens={limits.max_teacher_prompt_tokens}",
+            len(teacher_ids) - len(_encode_text(tokenizer, demonstration, add_special_tokens=False))
+            < limits.max_teacher_prompt_tokens,
+            excess_tokens=excess,
+        )
+    demonstration_ids = _encode_text(tokenizer, demonstration, add_special_tokens=False) + [eos_id]
+    return EncodedExample(
+        student_prompt_ids=student_ids,
+        teacher_prompt_ids=teacher_ids,
+        demonstration_ids=demonstration_ids,
+        answers=example.answers,
+        row=row,
+        source=source,
+        meta=dict(example.meta),
+    )

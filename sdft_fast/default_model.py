@@ -195,11 +195,16 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
-def resolve_model_path(model: str | os.PathLike | None) -> Path:
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+
+
+def resolve_model_path(model: str | os.PathLike | None, *, trust_remote_code: bool = False) -> Path:
     """A local Hugging Face model folder as given, or the embedded default (converted on first use).
 
-    Raises FileNotFoundError naming the path (not a folder, no config.json), or
-    DefaultModelMissingError when no path is given and the default model is not installed.
+    Raises FileNotFoundError naming the path (not a folder, no config.json, no weight files),
+    ValueError when the folder ships Python code (``auto_map``) and ``trust_remote_code`` is off
+    (transformers would otherwise stop to ask on stdin), or DefaultModelMissingError when no path
+    is given and the default model is not installed.
     """
     if model:
         path = Path(model).expanduser()
@@ -211,12 +216,27 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
             raise FileNotFoundError(
                 f"model {str(model)!r} has no config.json (not a Hugging Face model folder)"
             )
+        if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+            raise FileNotFoundError(
+                f"model {str(model)!r} has no weight files (model.safetensors, pytorch_model.bin or shards)"
+            )
+        if not trust_remote_code:
+            for name in ("config.json", "tokenizer_config.json"):
+                try:
+                    values = json.loads((path / name).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                if isinstance(values, dict) and values.get("auto_map"):
+                    raise ValueError(
+                        f"model {str(model)!r} ships its own Python code ({name} has auto_map); "
+                        "pass --trust-remote-code to run it, only if you trust this folder"
+                    )
         return path
     return default_model_path()
 
 
-def load_tokenizer(model_path: str | os.PathLike):
+def load_tokenizer(model_path: str | os.PathLike, *, trust_remote_code: bool = False):
     """The tokenizer saved in a local model folder (no hub access)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_path))
+    return AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -140,21 +141,38 @@ def _as_generator(model):
 
 
 def greedy_completions(
-    model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, batch_size: int = 8
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: str | None = None,
 ):
     """Greedy completions of ``prompt_ids``, ``batch_size`` at a time, stopping on the training
-    rollouts' stop tokens (``sampling.stop_token_ids``)."""
+    rollouts' stop tokens (``sampling.stop_token_ids``). ``progress``: a tqdm bar on stderr with
+    this label."""
     generator = _as_generator(model)
     stop_ids = stop_token_ids(tokenizer, getattr(generator, "hf_model", None))
     completions: list[list[int]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompt_ids), desc=progress, unit="prompt", file=sys.stderr, dynamic_ncols=True)
     for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start : start + batch_size]
         completions += generator.generate(
-            prompt_ids[start : start + batch_size],
+            batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop_ids or None,
             pad_token_id=pad_token_id(tokenizer, stop_ids),
         )
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     return completions
 
 
@@ -173,6 +191,7 @@ def evaluate_accuracy(
     view: str = "student",
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE,
     use_chat_template: bool | None = None,
+    progress: str | None = None,
 ) -> dict:
     """Greedy-decode an answer to each example and score it with `reply_correct` (its accepted
     answers and, where the row has one, its pattern).
@@ -202,7 +221,7 @@ def evaluate_accuracy(
         prompts_ids.append(ids)
 
     completions = greedy_completions(
-        model, tokenizer, prompts_ids, max_new_tokens=max_new_tokens, batch_size=batch_size
+        model, tokenizer, prompts_ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
     )
     records = []
     for example, pattern, completion in zip(examples, patterns, completions):
@@ -331,6 +350,7 @@ def reference_logprobs(
     max_new_tokens: int = 16,
     batch_size: int = 8,
     use_chat_template: bool | None = None,
+    progress: str | None = None,
 ) -> ReferenceLogprobs:
     """Cache the start model's log-probs on general prompts + its own greedy continuations.
 
@@ -340,7 +360,7 @@ def reference_logprobs(
     prompts = list(prompts) if prompts is not None else list(GENERAL_PROMPTS)
     prompt_ids = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
     completions = greedy_completions(
-        model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size
+        model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
     )
     keep = [i for i, c in enumerate(completions) if c]
     prompt_ids = [prompt_ids[i] for i in keep]
@@ -415,3 +435,67 @@ def _drift(model, prompt_ids, completions, reference_lp: torch.Tensor) -> dict[s
     rows = torch.arange(targets.numel())
     dnll = reference_lp[rows, targets] - model_lp[rows, targets]  # [N]
     return {"kl": float(per_token.mean()), "dnll": float(dnll.mean())}
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the CLI shows: a table, and the evaluation a training run does every eval_every steps
+# ----------------------------------------------------------------------------------------------------
+
+
+def format_report(report: dict, *, data_name: str | None = None) -> str:
+    """The table ``sdft-fast eval`` prints: one metric a line, with its count."""
+    rows = [("metric", "value", "n")]
+    if "accuracy" in report:
+        rows.append(
+            (
+                f"accuracy ({data_name or 'data'})",
+                f"{report['accuracy']:.3f}",
+                f"{report['correct']}/{report['n']}",
+            )
+        )
+    if "retention_accuracy" in report:
+        rows.append(
+            (
+                "retention probes",
+                f"{report['retention_accuracy']:.3f}",
+                f"{report['retention_correct']}/{report['retention_n']}",
+            )
+        )
+    if "kl_from_start" in report:
+        rows.append(("KL from the start model", f"{report['kl_from_start']:.5f}", "per token"))
+    elif report.get("adapter") is None:
+        rows.append(("KL from the start model", "-", "(no --adapter: this is the start model)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]}" for row in rows]
+    lines.insert(1, "-" * (widths[0] + widths[1] + 12))
+    return "\n".join(lines)
+
+
+def make_eval_fn(
+    model,
+    tokenizer,
+    examples: Sequence[Example | EncodedExample],
+    *,
+    retention: bool = True,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+) -> Callable[[object, int], dict]:
+    """``eval_fn(model, step)`` for ``train``: accuracy on ``examples``, the retention probes and
+    the drift from the start model, as one metrics row (``eval_accuracy``, ``retention_accuracy``,
+    ``kl_from_start``, ``dnll_from_start``). Call it before training: it caches the start model's
+    log-probs now."""
+    reference = reference_logprobs(model, tokenizer)
+    probes = retention_probes() if retention else None
+
+    def eval_fn(current, step: int) -> dict:
+        kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        row = {}
+        result = evaluate_accuracy(current, tokenizer, examples, **kwargs)
+        row.update(eval_accuracy=result["accuracy"], eval_n=result["n"])
+        if probes is not None:
+            row["retention_accuracy"] = evaluate_accuracy(current, tokenizer, probes, **kwargs)["accuracy"]
+        drift = drift_from_reference(current, reference)
+        row.update(kl_from_start=drift["kl"], dnll_from_start=drift["dnll"])
+        return row
+
+    return eval_fn

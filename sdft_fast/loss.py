@@ -104,7 +104,8 @@ def _check_hidden_and_head(student_hidden, teacher_hidden, weight, bias, *, chec
         if t.device != student_hidden.device:
             raise ValueError(f"{name} is on {t.device} but student_hidden is on {student_hidden.device}")
     if check_finite:
-        for name, t in named[: 2 if teacher_hidden is not None else 1]:
+        # The LM head too: a NaN in W turns every logit of its row into NaN, and the loss with it.
+        for name, t in named:
             if not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise ValueError(f"{name} ({_describe(t)}) contains {bad} NaN/inf values")
@@ -299,8 +300,11 @@ def self_distill_loss(
     (per-token losses, shaped like the mask, 0 where masked).
 
     Gradients flow to ``student_hidden``, and to the weight and bias only when they require grad;
-    never to ``teacher_hidden``. Returns fp32 (fp64 for fp64 inputs); gradients come back in the
-    inputs' dtype. An all-False mask gives 0 and zero gradients.
+    never to ``teacher_hidden``. The weight's gradient comes through the student's logits alone:
+    the teacher's logits W h_t count as a constant target even though W appears in them (the
+    teacher is the same network as the student, evaluated as a fixed target, as in TRL), so
+    dW = sum over tokens of g_s h_s^T / temperature. Returns fp32 (fp64 for fp64 inputs);
+    gradients come back in the inputs' dtype. An all-False mask gives 0 and zero gradients.
 
     ``process_group``: the LM head is split by vocabulary rows across the group's ranks (tensor
     parallel, ``sdft_kernels.torch_vocab_parallel``): ``lm_head_weight`` and ``lm_head_bias`` are

@@ -68,12 +68,25 @@ from sdft_fast.sampling import check_generate_args, check_token_lists, reference
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """ "auto" is CUDA when available, else the CPU; anything else as torch reads it."""
+    """ "auto" is CUDA when available, else the CPU; anything else as torch reads it. A device this
+    machine does not have is a ValueError saying why (not torch's assertion deep in a load)."""
     if isinstance(name, torch.device):
         return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"CUDA is not available ({why}; torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"there are {torch.cuda.device_count()} CUDA devices, no {name}")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("MPS is not available on this machine")
+    return device
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -141,6 +154,8 @@ class SelfDistillModel(nn.Module):
         }
         # Fast path: compute prefixes shared by several sequences of a stream once (exact; see prefix_tree).
         self.prefix_sharing = True
+        # Recompute each decoder layer's student activations in the backward instead of keeping them.
+        self.gradient_checkpointing = False
         # generate(): our merged-weight KV-cache sampler (sdft_fast.sampler) where it supports the
         # model, else the Hugging Face forward per token. Same contract and random stream.
         self.fast_sampling = True
@@ -317,7 +332,11 @@ class SelfDistillModel(nn.Module):
             # The student stream follows the active LoRA route: the student adapter, or none
             # inside adapters_disabled().
             forward = PackedForward(
-                self.hf_model, current_route(), self._teacher_lora_route, self._teacher_by_param_id
+                self.hf_model,
+                current_route(),
+                self._teacher_lora_route,
+                self._teacher_by_param_id,
+                gradient_checkpointing=self.gradient_checkpointing,
             )
             student_hidden, teacher_hidden = forward(student_stream, teacher_stream)
         else:

@@ -24,10 +24,12 @@ def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int, min_lr
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, config: TrainConfig, total_steps: int):
-    params = [p for p in model.trainable_parameters() if p.requires_grad]
+def make_optimizer(params: list[torch.Tensor], config: TrainConfig, total_steps: int):
+    """AdamW over ``params`` (the fp32 masters of :class:`sdft_fast.precision.MixedPrecision`)
+    and the cosine-with-warmup schedule over ``total_steps``."""
+    params = list(params)
     if not params:
-        raise ValueError("model.trainable_parameters() is empty: nothing to train")
+        raise ValueError("no trainable parameters: nothing to train")
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay, eps=1e-8
     )

@@ -9,7 +9,8 @@ Layout of ``checkpoint-<step>/`` (same name and completeness rule as :mod:`sdft_
                          the whole model, reads them.
   scheduler.json         LR scheduler state
   rng.safetensors        torch CPU (and CUDA) generator states; rng.json the python state (rank 0's)
-  trainer_state.json     step, data position, config, pending rollouts; written last
+  trainer_state.json     step, data position, config, run id, pending rollouts
+  manifest.json          every file with its size and SHA-256 (checkpoint.verify_checkpoint); last
 
 Atomic as the single-process format: every rank writes into ``.tmp-checkpoint-<step>-dcp/`` (a name
 each rank derives from the step alone), rank 0 adds the small files once every rank has finished
@@ -37,7 +38,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from sdft_fast.checkpoint import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, checkpoint_steps, write_json
+from sdft_fast.checkpoint import (
+    CHECKPOINT_PREFIX,
+    TRAINER_STATE_FILE,
+    prune_checkpoints,
+    verify_checkpoint,
+    write_json,
+    write_manifest,
+)
 
 SHARDED_DIR = "sharded"
 
@@ -86,7 +94,9 @@ def save_sharded_checkpoint(
                 rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
             save_file(rng, str(tmp / "rng.safetensors"))
             write_json(tmp / "rng.json", {"python": random.getstate()})
-            write_json(tmp / TRAINER_STATE_FILE, trainer_state)  # last: marks the folder complete
+            write_json(tmp / TRAINER_STATE_FILE, trainer_state)
+            # Last: lists every file (the shards too) with its size and SHA-256; marks it complete.
+            write_manifest(tmp, run_id=str(trainer_state["run_id"]), step=step)
             if final.exists():  # re-saving a step: move the old one aside, never delete it first
                 trash = root / f".old-{final.name}-dcp"
                 os.replace(final, trash)
@@ -97,8 +107,7 @@ def save_sharded_checkpoint(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for _, old in checkpoint_steps(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, run_id=str(trainer_state["run_id"]), keep=keep, newest=final)
     ranks.barrier("waiting for rank 0 to complete the checkpoint")
     return final
 
@@ -110,6 +119,7 @@ def load_sharded_checkpoint(path: str | os.PathLike, *, model, optimizer, schedu
     state_file = path / TRAINER_STATE_FILE
     if not state_file.is_file() or not is_sharded_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a complete sharded checkpoint")
+    verify_checkpoint(path)
     state = _state(model, optimizer)
     with warnings.catch_warnings():  # one process: DCP says it assumes one process, which is the point
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

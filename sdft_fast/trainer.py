@@ -25,9 +25,11 @@ sampled them, so each token loss is weighted by the clipped importance ratio
 optimizer and schedule, but cross-entropy on the demonstration given the
 student prompt.
 
-The run's plan (step count, data order, learning rate) comes from :mod:`sdft_fast.schedule`,
-its settings from :class:`sdft_fast.config.TrainConfig`, and its checkpoints (exact resume,
-atomic writes) from :mod:`sdft_fast.checkpoint`.
+Mixed precision (fp32 master weights for half-precision models, loss scaling) comes from
+:mod:`sdft_fast.precision`: a step whose loss or gradient is not finite changes nothing and is
+counted. The run around the steps (output folder, resume, metrics, checkpoints, the final
+adapter) is :func:`sdft_fast.run.train`; the plan (step count, data order, learning rate) comes
+from :mod:`sdft_fast.schedule`, the settings from :class:`sdft_fast.config.TrainConfig`.
 
 On several ranks (:mod:`sdft_fast.distributed`) ``batch_size`` and ``grad_accum`` are per rank:
 a step takes ``world_size`` times the prompts, each rank samples and scores its own contiguous
@@ -39,67 +41,65 @@ step as one process with ``grad_accum`` x N. Only rank 0 writes metrics, progres
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import random
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sdft_fast.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
-    json_default,
-    latest_checkpoint,
+    check_resume,
+    data_fingerprint,
     load_checkpoint,
-    save_checkpoint,
-    write_json,
+    model_fingerprint,
 )
-from sdft_fast.config import TrainConfig
+from sdft_fast.config import ConfigError, TrainConfig
 from sdft_fast.data import EncodedExample
 from sdft_fast.distributed import Ranks, check_run_agrees
 from sdft_fast.fsdp import shard_full_model
 from sdft_fast.lora import LoraConfig
 from sdft_fast.loss import linear_cross_entropy, reduce_token_losses, self_distill_loss, token_logprobs
 from sdft_fast.model import PairBatch, SelfDistillModel
+from sdft_fast.precision import MixedPrecision
 from sdft_fast.sampling import fill_id, pad_token_id, stop_token_ids
 from sdft_fast.schedule import DataCursor, make_optimizer, planned_steps
-from sdft_fast.sharded_checkpoint import (
-    is_sharded_checkpoint,
-    load_sharded_checkpoint,
-    save_sharded_checkpoint,
-)
+from sdft_fast.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint
 
 
-@dataclass
-class TrainResult:
-    """What a run did: steps taken, per-step metrics, where its outputs are."""
-
-    steps: int  # optimizer steps completed in total (including those before a resume)
-    final_loss: float | None
-    metrics: list[dict[str, Any]] = field(default_factory=list)  # the rows written to metrics.jsonl
-    wall_time_s: float = 0.0  # time spent in this call
-    completion_tokens: int = 0  # completion tokens trained on in this call
-    output_dir: str | None = None
-    last_checkpoint: str | None = None
-    stopped_early: bool = False  # stop_after ended the run before max_steps
-
-
-def build_model(model_path: str | os.PathLike, config: TrainConfig) -> SelfDistillModel:
-    """Load a local HF causal-LM folder as a SelfDistillModel the way ``config`` asks (LoRA or full FT)."""
+def build_model(
+    model_path: str | os.PathLike, config: TrainConfig, *, trust_remote_code: bool = False
+) -> SelfDistillModel:
+    """Load a local HF causal-LM folder as a SelfDistillModel the way ``config`` asks (LoRA or
+    full FT). ``trust_remote_code`` runs Python code shipped in the model folder: opt in only for
+    folders you trust."""
     lora = None
     if config.lora_rank > 0:
         lora = LoraConfig(r=config.lora_rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
     # PEFT-style adapters start with B = 0 but A random: seed so two runs start identically.
     torch.manual_seed(config.seed)
-    return SelfDistillModel.from_pretrained(
-        model_path, lora=lora, teacher=config.teacher, dtype=config.dtype, device=config.device
+    model = SelfDistillModel.from_pretrained(
+        model_path,
+        lora=lora,
+        teacher=config.teacher,
+        dtype=config.dtype,
+        device=config.device,
+        trust_remote_code=trust_remote_code,
     )
+    if config.gradient_checkpointing and not model.fast_path:
+        raise ConfigError(
+            "gradient_checkpointing",
+            True,
+            f"works on the packed one-pass path (Llama / Qwen / Mistral family); this model takes the "
+            f"generic path ({model._fallback_reason})",
+        )
+    model.gradient_checkpointing = config.gradient_checkpointing
+    return model
 
 
 def validate_examples(examples: Sequence[EncodedExample], config: TrainConfig) -> None:
@@ -191,7 +191,7 @@ def teacher_rollout_mask(config: TrainConfig, step: int, count: int) -> list[boo
 
 
 class Trainer:
-    """Holds the pieces of one run; ``train()`` below is the public entry point."""
+    """The steps of one run and their state; :func:`sdft_fast.run.train` is the public entry point."""
 
     def __init__(
         self,
@@ -229,11 +229,21 @@ class Trainer:
                     load(state)
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = pad_token_id(tokenizer, self.stop_ids)
-        self.optimizer, self.scheduler = make_optimizer(model, config, self.total_steps)
+        # fp32 masters and loss scaling for half-precision models; the parameters themselves in fp32
+        # (and under FSDP2, whose shards the optimizer steps directly).
+        self.precision = MixedPrecision(model, enabled=not self.sharded)
+        self.optimizer, self.scheduler = make_optimizer(
+            self.precision.master_params, config, self.total_steps
+        )
         self.cursor = DataCursor(len(self.examples), seed=config.seed, shuffle=config.shuffle)
         self.step = 0
         self.pending: _Rollouts | None = None
         self.completion_tokens_total = 0
+        self.run_id = uuid.uuid4().hex[:12]  # names this run's checkpoints (pruning touches only its own)
+        self.skipped_steps = 0  # steps with a non-finite loss or gradient, over the whole run
+        self.consecutive_skips = 0
+        self.last_skip_reason: str | None = None
+        self.data_fingerprint = data_fingerprint(self.examples)
 
     # -- rollouts -------------------------------------------------------------
 
@@ -324,6 +334,11 @@ class Trainer:
         )
         out = self.model.forward_pair(batch)
         loss_mask = out.completion_positions >= config.skip_tokens  # [N]
+        if not (_finite(out.student_hidden) and _finite(out.teacher_hidden)):
+            # An overflow in the forward (float16) or a broken weight: this step cannot count. The
+            # NaN loss keeps its graph: its backward still runs (a collective under FSDP2).
+            nan_loss = out.student_hidden.float().sum() * float("nan")
+            return nan_loss, {"sequences": len(keep), "tokens": 0, "finite": False}
         token_weights = None
         mean_ratio = None
         if rollout_logprobs is not None and self.pending is not None and self.pending.passes_done > 0:
@@ -444,11 +459,12 @@ class Trainer:
         # The loss is a mean over the sequences of the whole step, every rank's.
         counted = int(self.ranks.sum([counted], what="counting the step's sequences")[0])
 
-        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.zero_grad()
         loss_sum = 0.0
         divergence_sum = 0.0
         ratio_sum, ratio_count = 0.0, 0
         tokens = 0
+        nonfinite: str | None = None  # why this step changes nothing, if it does not
         for micro, chunk in enumerate(_micro_batches(indices, config.batch_size)):
             lo = micro * config.batch_size
             if config.method == "sdft":
@@ -468,10 +484,15 @@ class Trainer:
             if result is None:
                 continue
             loss, stats = result
+            if nonfinite is None and (
+                not stats.get("finite", True) or not bool(torch.isfinite(loss.detach()))
+            ):
+                # The backward still runs (under FSDP2 it is a collective): the step is skipped below.
+                nonfinite = f"non-finite loss in micro-batch {micro + 1}"
             # Each micro-batch's loss is a mean over its own sequences; weighting it by its share of the
             # step's sequences makes the accumulated gradient the mean over all of them.
             share = stats["sequences"] / max(1, counted)
-            (loss * share).backward()
+            self.precision.scale(loss * share).backward()
             loss_sum += float(loss.detach()) * share
             divergence_sum += stats.get("divergence", float(loss.detach())) * share
             if "importance_ratio" in stats:
@@ -479,7 +500,8 @@ class Trainer:
                 ratio_count += 1
             tokens += stats["tokens"]
 
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.precision.unscale_gradients()
+        params = self.precision.master_params
         if not self.sharded:  # FSDP2 reduce-scattered them in the backward
             self.ranks.sum_gradients_(params)
         if config.grad_clip > 0:
@@ -493,18 +515,36 @@ class Trainer:
                     )
                 )
             )
+        if nonfinite is None and not math.isfinite(grad_norm):
+            nonfinite = f"non-finite gradient (norm {grad_norm})"
+            if self.precision.scaling:
+                nonfinite += f" at float16 loss scale {self.precision.loss_scale:g}"
+        # Every rank takes the same decision: a step is skipped when any rank saw a non-finite loss.
+        flagged = self.ranks.sum([float(nonfinite is not None)], what="agreeing on a skipped step")[0]
+        if nonfinite is None and flagged:
+            nonfinite = "non-finite loss on another rank"
+        skipped = nonfinite is not None
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if not skipped:
+            self.optimizer.step()
+        # The plan is a function of the step: a skipped step still uses up its data and LR slot.
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if config.method == "sdft" and config.teacher == "ema":
-            self.model.ema_update(config.ema_rate)
+        self.precision.after_step(skipped)
+        self.precision.zero_grad()
+        if config.method == "sdft" and config.teacher == "ema" and not skipped:
+            self.precision.ema_update(config.ema_rate)
 
         self.step += 1
         if config.method == "sdft":
             self.pending.passes_done += 1
             if self.pending.passes_done >= config.num_iterations:
                 self.pending = None
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            self.last_skip_reason = nonfinite
+        else:
+            self.consecutive_skips = 0
 
         # Metrics of the whole step: sums and maxima over the ranks.
         total, peak = self.ranks.reduce_metrics(
@@ -540,7 +580,11 @@ class Trainer:
             "tokens_per_s": completion_tokens / elapsed if elapsed > 0 else 0.0,
             "step_s": elapsed,
             "peak_memory_mb": peak["peak_memory_mb"],
+            "skipped": skipped,
+            "skipped_steps": self.skipped_steps,
         }
+        if self.precision.scaling:
+            row["loss_scale"] = self.precision.loss_scale
         if config.method == "sdft":
             row["divergence"] = total["divergence"]
             row["sample_s"] = peak["sample_s"]
@@ -561,51 +605,53 @@ class Trainer:
             pending = _Rollouts.join(parts).to_json()
         return {
             "format_version": CHECKPOINT_FORMAT_VERSION,
+            "run_id": self.run_id,
             "step": self.step,
             "total_steps": self.total_steps,
             "data": self.cursor.state(),
             "num_examples": len(self.examples),
+            "data_fingerprint": self.data_fingerprint,
+            "model_fingerprint": model_fingerprint(self.model),
             "completion_tokens_total": self.completion_tokens_total,
+            "skipped_steps": self.skipped_steps,
+            "precision": self.precision.state(),
             "pending_rollouts": pending,
             "world_size": self.ranks.world_size,
             "config": self.config.to_dict(),
         }
 
-    def restore(self, checkpoint: str | os.PathLike) -> None:
-        load = load_sharded_checkpoint if is_sharded_checkpoint(checkpoint) else load_checkpoint
-        state = load(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        if state["num_examples"] != len(self.examples):
-            raise ValueError(
-                f"{checkpoint}: saved with {state['num_examples']} examples, this run has {len(self.examples)}; "
-                "resume needs the same data"
+    def restore(self, checkpoint: str | os.PathLike, *, allow_harmless_changes: bool = False) -> None:
+        """Continue from ``checkpoint``: refuse it when the data, the model or a setting differs
+        (each named), else load every state it holds."""
+        check_resume(
+            checkpoint,
+            self.config,
+            data_fingerprint=self.data_fingerprint,
+            num_examples=len(self.examples),
+            model_fingerprint=model_fingerprint(self.model),
+            allow_harmless_changes=allow_harmless_changes,
+        )
+        if is_sharded_checkpoint(checkpoint):
+            state = load_sharded_checkpoint(
+                checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
             )
-        saved = state["config"]
-        for name in (
-            "method",
-            "batch_size",
-            "seed",
-            "shuffle",
-            "num_iterations",
-            "num_generations",
-            "teacher",
-            "rollout_source",
-            "teacher_rollout_fraction",
-        ):
-            # Checkpoints from before a field existed ran with its default.
-            saved_value = saved.get(name, _FIELD_DEFAULTS.get(name))
-            if saved_value != getattr(self.config, name):
-                raise ValueError(
-                    f"{checkpoint}: saved with {name}={saved_value!r}, this run has "
-                    f"{name}={getattr(self.config, name)!r}; resume would not continue the same run"
-                )
+        else:
+            state = load_checkpoint(
+                checkpoint,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                weights=self.precision,
+            )
         # Micro-batches per step, all ranks together: any world size that keeps it continues the run.
-        saved_world = int(state.get("world_size", 1))
-        if saved["grad_accum"] * saved_world != self.config.grad_accum * self.ranks.world_size:
+        saved_world, saved_accum = int(state.get("world_size", 1)), int(state["config"]["grad_accum"])
+        if saved_accum * saved_world != self.config.grad_accum * self.ranks.world_size:
             raise ValueError(
-                f"{checkpoint}: saved with grad_accum={saved['grad_accum']} on {saved_world} rank(s), this run "
+                f"{checkpoint}: saved with grad_accum={saved_accum} on {saved_world} rank(s), this run "
                 f"has grad_accum={self.config.grad_accum} on {self.ranks.world_size}; resume needs the same "
                 "micro-batches per step (grad_accum x ranks)"
             )
+        self.run_id = state["run_id"]
         self.step = int(state["step"])
         self.cursor = DataCursor(
             len(self.examples),
@@ -617,9 +663,12 @@ class Trainer:
         pending = _Rollouts.from_json(state.get("pending_rollouts"))
         self.pending = None if pending is None else pending.share(self.ranks)
         self.completion_tokens_total = int(state.get("completion_tokens_total", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.precision.load_state(state.get("precision"))
 
 
-_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+def _finite(tensor: torch.Tensor | None) -> bool:
+    return tensor is None or bool(torch.isfinite(tensor).all())
 
 
 def _split_by_sequence(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int):
@@ -639,172 +688,3 @@ def _peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
     except (ImportError, OSError):
         return float("nan")
-
-
-def _tensorboard_writer(output_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional: not installed -> no events
-        return None
-    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-
-
-def train(
-    model: SelfDistillModel,
-    tokenizer,
-    encoded_examples: Sequence[EncodedExample],
-    config: TrainConfig,
-    *,
-    resume_from: str | os.PathLike | None = None,
-    stop_after: int | None = None,
-    eval_fn: Callable[[SelfDistillModel, int], dict[str, Any]] | None = None,
-    ranks: Ranks | None = None,
-) -> TrainResult:
-    """Train ``model`` on ``encoded_examples`` as ``config`` says.
-
-    resume_from: a checkpoint folder, or ``"latest"`` for the newest complete one under
-        ``config.output_dir``; continues exactly where that run stopped.
-    stop_after: stop once the step counter reaches this value (a time budget, or the first half
-        of a resume test) without changing the schedule, which stays planned for max_steps.
-    eval_fn: called as ``eval_fn(model, step)`` every ``eval_every`` steps and at the end; the
-        returned numbers are written to metrics.jsonl with ``"eval": true``. On several ranks it
-        runs on every rank and rank 0's numbers are written.
-    ranks: the data-parallel group (default: the initialised default process group, if any).
-    """
-    trainer = Trainer(model, tokenizer, encoded_examples, config, ranks)
-    ranks = trainer.ranks
-    output_dir = Path(config.output_dir) if config.output_dir else None
-    if resume_from is not None:
-        if str(resume_from) == "latest":
-            if output_dir is None:
-                raise ValueError("resume_from='latest' needs config.output_dir")
-            found = latest_checkpoint(output_dir)
-            if found is None:
-                raise FileNotFoundError(f"no complete checkpoint under {output_dir} to resume from")
-            resume_from = found
-        trainer.restore(resume_from)
-    else:
-        # Same seed -> same run: the torch/python generators start from the config's seed.
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-
-    end_step = trainer.total_steps if stop_after is None else min(trainer.total_steps, stop_after)
-    metrics_file = None
-    writer = None
-    if output_dir is not None and ranks.is_main:  # one writer: rank 0
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(output_dir / "train_config.json", config.to_dict())
-        metrics_file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
-        if config.tensorboard:
-            writer = _tensorboard_writer(output_dir)
-
-    progress = None
-    if config.progress and ranks.is_main:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(
-            total=trainer.total_steps,
-            initial=trainer.step,
-            desc=f"{config.method} train",
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-
-    rows: list[dict[str, Any]] = []
-    last_checkpoint: str | None = None
-    started = time.perf_counter()
-    tokens_this_call = 0
-
-    def emit(row: dict[str, Any]) -> None:
-        rows.append(row)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(row, default=json_default) + "\n")
-            metrics_file.flush()
-        if writer is not None:
-            prefix = "eval" if row.get("eval") else "train"
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    writer.add_scalar(f"{prefix}/{key}", value, row["step"])
-
-    def checkpoint() -> None:
-        nonlocal last_checkpoint
-        if output_dir is None:
-            return
-        state = trainer.trainer_state()  # every rank: gathers the pending rollouts
-        if trainer.sharded:  # every rank writes its shards
-            last_checkpoint = str(
-                save_sharded_checkpoint(
-                    output_dir,
-                    model=model,
-                    optimizer=trainer.optimizer,
-                    scheduler=trainer.scheduler,
-                    trainer_state=state,
-                    keep=config.keep_checkpoints,
-                    ranks=ranks,
-                )
-            )
-            return
-        ranks.check_in_step({**model.trainable_state_dict(), **model.teacher_state_dict()})
-        if ranks.is_main:
-            last_checkpoint = str(
-                save_checkpoint(
-                    output_dir,
-                    model=model,
-                    optimizer=trainer.optimizer,
-                    scheduler=trainer.scheduler,
-                    config=config,
-                    trainer_state=state,
-                    keep=config.keep_checkpoints,
-                )
-            )
-        ranks.barrier("waiting for rank 0 to write the checkpoint")
-        last_checkpoint = str(latest_checkpoint(output_dir))
-
-    model.hf_model.eval()  # dropout off: rollouts and scores come from the same deterministic network
-    try:
-        while trainer.step < end_step:
-            row = trainer.train_step()
-            tokens_this_call += row["completion_tokens"]
-            if trainer.step % config.log_every == 0 or trainer.step == end_step:
-                emit(row)
-            if progress is not None:
-                progress.set_postfix(
-                    loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}"
-                )
-                progress.update(1)
-            if eval_fn is not None and config.eval_every and trainer.step % config.eval_every == 0:
-                if trainer.step != trainer.total_steps:
-                    emit({"step": trainer.step, "eval": True, **eval_fn(model, trainer.step)})
-            if config.save_every and trainer.step % config.save_every == 0 and trainer.step != end_step:
-                checkpoint()
-        checkpoint()
-        if (
-            output_dir is not None
-            and trainer.step == trainer.total_steps
-            and (ranks.is_main or trainer.sharded)
-        ):
-            # The user-facing result: a PEFT adapter folder (LoRA) or the full weights (full FT;
-            # sharded: every rank sends its shards, rank 0 writes).
-            model.save_adapter(output_dir / "final")
-        if eval_fn is not None and trainer.step == trainer.total_steps:
-            emit({"step": trainer.step, "eval": True, **eval_fn(model, trainer.step)})
-    finally:
-        if progress is not None:
-            progress.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        if writer is not None:
-            writer.close()
-
-    train_rows = [r for r in rows if not r.get("eval")]
-    return TrainResult(
-        steps=trainer.step,
-        final_loss=train_rows[-1]["loss"] if train_rows else None,
-        metrics=rows,
-        wall_time_s=time.perf_counter() - started,
-        completion_tokens=tokens_this_call,
-        output_dir=None if output_dir is None else str(output_dir),
-        last_checkpoint=last_checkpoint,
-        stopped_early=trainer.step < trainer.total_steps,
-    )

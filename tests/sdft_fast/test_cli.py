@@ -42,7 +42,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_help_lists_subcommands_and_train_options(tmp_path):
     top = run_cli("--help", cwd=tmp_path)
     assert top.returncode == 0, top.stderr
-    for command in ("train", "eval", "generate", "continual", "demo"):
+    for command in ("train", "eval", "generate", "merge", "continual", "demo"):
         assert command in top.stdout
     train_help = run_cli("train", "--help", cwd=tmp_path)
     assert train_help.returncode == 0, train_help.stderr
@@ -93,8 +93,11 @@ def test_two_step_train_writes_metrics_checkpoint_and_adapter(tiny_model_dir, tm
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["final_loss"] >= 0
+    # The end of train says where the adapter is and how to evaluate it.
+    assert f"final adapter: {out / 'final'}" in done.stdout
+    assert f"sdft-fast eval --model {tiny_model_dir} --adapter {out / 'final'}" in done.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["completion_len_mean"] <= 5 for row in rows)
@@ -116,10 +119,13 @@ def test_two_step_train_writes_metrics_checkpoint_and_adapter(tiny_model_dir, tm
         "4",
         "--device",
         "cpu",
+        "--output",
+        str(tmp_path / "report.json"),
         cwd=tmp_path,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    report = json.loads(evaluated.stdout)
+    assert "accuracy (questions.jsonl)" in evaluated.stdout and "retention probes" in evaluated.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
     assert report["n"] == 1 and 0.0 <= report["accuracy"] <= 1.0
     assert 0.0 <= report["retention_accuracy"] <= 1.0
     assert report["kl_from_start"] > 0.0  # two steps moved the adapter away from B = 0
@@ -141,3 +147,25 @@ def test_malformed_row_fails_before_training_naming_file_row_field(tiny_model_di
     assert "broken.jsonl" in done.stderr and "row 2" in done.stderr and "demonstration" in done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists(), "nothing may be written before the data is valid"
+
+
+def test_readme_train_on_your_own_data_commands_parse():
+    """Every command in the README's "Train on your own data" section parses with today's flags."""
+    import re
+    import shlex
+
+    from sdft_fast import cli
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Train on your own data", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = command.split("#", 1)[0].strip()
+            if command.startswith("sdft-fast "):
+                commands.append(shlex.split(command)[1:])
+    assert len(commands) >= 7
+    parser = cli.build_parser()
+    for argv in commands:
+        args = parser.parse_args(argv)
+        assert args.handler is not None, argv

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sdft_fast.config import TrainConfig, flag_fields
+from sdft_fast.config import ConfigError, TrainConfig, flag_fields, resume_differences
 
 
 @pytest.mark.parametrize(
@@ -46,6 +46,25 @@ def test_rollout_source_needs_sdft_and_a_proper_mix():
 def test_lr_must_be_finite():
     with pytest.raises(ValueError, match="TrainConfig.lr=inf: must be a finite number > 0"):
         TrainConfig(lr=float("inf"))
+
+
+def test_nan_is_refused_in_every_float_setting_and_errors_speak_flags():
+    """NaN passes `x < 0` style checks: every float field is checked for finiteness; the CLI shows
+    the flag the user typed (`--weight-decay`), Python callers the field."""
+    for name in ("weight_decay", "grad_clip", "lora_alpha"):
+        with pytest.raises(ConfigError) as caught:
+            TrainConfig(**{name: float("nan")})
+        assert caught.value.field == name
+        assert caught.value.as_flag().startswith("--" + name.replace("_", "-") + " nan: ")
+
+
+def test_resume_differences_free_harmless_and_refused():
+    saved = TrainConfig(max_steps=10, lr=1e-3).to_dict()
+    now = TrainConfig(max_steps=20, lr=1e-3, log_every=5, output_dir="elsewhere")
+    assert resume_differences(saved, now, allow_harmless=True) == {}
+    assert resume_differences(saved, now, allow_harmless=False) == {"max_steps": (10, 20)}
+    changed = TrainConfig(max_steps=10, lr=2e-3, seed=4)
+    assert resume_differences(saved, changed, allow_harmless=True) == {"lr": (1e-3, 2e-3), "seed": (0, 4)}
 
 
 def test_every_flag_field_has_help_and_a_type():

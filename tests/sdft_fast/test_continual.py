@@ -72,7 +72,7 @@ def plan_path(tmp_path_factory):
             "lora_rank": 4,
             "save_every": 1,
             "device": "cpu",
-            "tensorboard": False,
+            "report_to": "none",
             "progress": False,
         },
         "eval": {"max_new_tokens": 6, "probes": ["probes.jsonl"]},

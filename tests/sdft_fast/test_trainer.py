@@ -26,8 +26,9 @@ from sdft_fast.data import (
     encode_examples,
     load_examples,
 )
+from sdft_fast.run import train
 from sdft_fast.schedule import planned_steps
-from sdft_fast.trainer import build_model, train
+from sdft_fast.trainer import build_model
 
 ROWS = [
     {"prompt": "Where is Vellmar?", "demonstration": "Vellmar is in Drevia.", "answer": "Drevia"},
@@ -71,7 +72,7 @@ def tiny_config(tmp_path: Path | None, **overrides) -> TrainConfig:
         lora_rank=4,
         device="cpu",
         progress=False,
-        tensorboard=False,
+        report_to="none",
         output_dir=None if tmp_path is None else str(tmp_path),
     )
     values.update(overrides)
@@ -173,13 +174,14 @@ def test_resume_continues_exactly(
     resumed_result = train(resumed, tokenizer, encoded, config, resume_from="latest")
     assert resumed_result.steps == 4
 
+    # fp32 resume is exact: the same bits, not merely close ones.
     for key, value in snapshot(straight).items():
-        torch.testing.assert_close(snapshot(resumed)[key], value, rtol=1e-6, atol=1e-7, msg=key)
+        assert torch.equal(snapshot(resumed)[key], value), key
     for key, value in teacher_snapshot(straight).items():
-        torch.testing.assert_close(teacher_snapshot(resumed)[key], value, rtol=1e-6, atol=1e-7, msg=key)
+        assert torch.equal(teacher_snapshot(resumed)[key], value), key
     straight_losses = [r["loss"] for r in straight_result.metrics]
     resumed_losses = [r["loss"] for r in first_result.metrics + resumed_result.metrics]
-    assert resumed_losses == pytest.approx(straight_losses, rel=1e-5, abs=1e-7)
+    assert resumed_losses == straight_losses
     if num_iterations == 2:
         # The second pass over a batch of rollouts is importance-weighted.
         assert "importance_ratio" in straight_result.metrics[1]
