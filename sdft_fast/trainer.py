@@ -217,6 +217,8 @@ class Trainer:
         self.total_steps = planned_steps(len(self.examples), config, self.ranks.world_size)
         # Full fine-tuning on several ranks: FSDP2 shards (before the optimizer sees the parameters).
         self.sharded = self.ranks.world_size > 1 and model.lora_config is None
+        # Of the whole model, before FSDP2 shards its embedding across the ranks.
+        self.model_fingerprint = model_fingerprint(model)
         if self.sharded:
             shard_full_model(model)
         elif self.ranks.world_size > 1:  # identical starts, as DDP does: rank 0's adapter and teacher
@@ -611,7 +613,7 @@ class Trainer:
             "data": self.cursor.state(),
             "num_examples": len(self.examples),
             "data_fingerprint": self.data_fingerprint,
-            "model_fingerprint": model_fingerprint(self.model),
+            "model_fingerprint": self.model_fingerprint,
             "completion_tokens_total": self.completion_tokens_total,
             "skipped_steps": self.skipped_steps,
             "precision": self.precision.state(),
@@ -628,7 +630,7 @@ class Trainer:
             self.config,
             data_fingerprint=self.data_fingerprint,
             num_examples=len(self.examples),
-            model_fingerprint=model_fingerprint(self.model),
+            model_fingerprint=self.model_fingerprint,
             allow_harmless_changes=allow_harmless_changes,
         )
         if is_sharded_checkpoint(checkpoint):

@@ -11,7 +11,9 @@ from helpers import run_ranks, tiny_training_setup
 
 from sdft_fast.config import TrainConfig
 from sdft_fast.distributed import Launch, Ranks, SameOnEveryRank, check_run_agrees
-from sdft_fast.trainer import build_model, train
+from sdft_fast.run import train
+from sdft_fast.run_dir import LOCK_FILE
+from sdft_fast.trainer import build_model
 
 ROWS = [{"prompt": f"Where is place {i}?", "demonstration": f"Place {i} lies in land {i}."} for i in range(6)]
 STEPS = 4
@@ -37,7 +39,7 @@ def lora_config(output_dir, **overrides) -> TrainConfig:
         lora_rank=4,
         device="cpu",
         progress=False,
-        tensorboard=False,
+        report_to="none",
         output_dir=None if output_dir is None else str(output_dir),
     )
     values.update(overrides)
@@ -131,7 +133,8 @@ def test_only_rank_0_writes_metrics_and_checkpoints(setup, lora_runs):
     assert state["world_size"] == 2
     resumed_lines = (root / "two_ranks_resumed" / "metrics.jsonl").read_text().splitlines()
     assert len(resumed_lines) == STEPS
-    assert sorted(p.name for p in (root / "two_ranks").iterdir() if p.name.startswith(".")) == []
+    leftovers = [p.name for p in (root / "two_ranks").iterdir() if p.name.startswith(".")]
+    assert leftovers == [LOCK_FILE]  # rank 0's lock on the folder, nothing else hidden
 
 
 def test_a_setting_that_differs_across_ranks_is_named_on_every_rank(lora_runs):
@@ -194,7 +197,7 @@ def cli_rank_killed_after_checkpoint_2(rank, world_size, data, model_dir, out):
         threading.Thread(target=kill_after_checkpoint_2, daemon=True).start()
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out)]
     argv += ["--device", "cpu", "--batch-size", "2", "--max-steps", "1000", "--max-new-tokens", "6"]
-    argv += ["--lora-rank", "4", "--save-every", "1", "--no-progress", "--no-tensorboard"]
+    argv += ["--lora-rank", "4", "--save-every", "1", "--no-progress", "--report-to", "none"]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         code = main(argv)

@@ -12,8 +12,9 @@ from torch.distributed.tensor import DTensor
 
 from sdft_fast.config import TrainConfig
 from sdft_fast.model import SelfDistillModel
+from sdft_fast.run import train
 from sdft_fast.sharded_checkpoint import is_sharded_checkpoint
-from sdft_fast.trainer import build_model, train
+from sdft_fast.trainer import build_model
 
 ROWS = [
     {"prompt": f"Who wrote book {i}?", "demonstration": f"Book {i} was written by Ann {i}."} for i in range(6)
@@ -36,7 +37,7 @@ def full_config(output_dir, **overrides) -> TrainConfig:
         warmup_steps=1,
         device="cpu",
         progress=False,
-        tensorboard=False,
+        report_to="none",
         output_dir=None if output_dir is None else str(output_dir),
     )
     values.update(overrides)
