@@ -111,7 +111,7 @@ def torch_linear_cross_entropy(
     targets: torch.Tensor,  # [N] long
     *,
     temperature: float = 1.0,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
 ) -> torch.Tensor:  # [N] fp32 (fp64 for fp64 inputs)
     """Per-token cross-entropy without [N, V] logits; differentiable w.r.t. hidden, W, bias."""
     return ChunkedLinearCrossEntropy.apply(

@@ -152,10 +152,11 @@ def kl_finish(stats: SweepStats, alpha, inv_tau):
     lse_s, lse_t = log_sum_exps(stats)
     l_s, l_t, acc = stats.l_s, stats.l_t, stats.acc
     # lse_t - lse_s = log sum p_s exp(z_d) = log1p(C / l_s): no cancellation between two ~log V
-    # sized numbers when the student is close to the teacher. Fall back to the plain difference
-    # where C overflowed (z_d > ~88) or rounded to <= -l_s.
+    # sized numbers when the student is close to the teacher. Where the gap is not small
+    # (|C / l_s| >= 1/2, also when C overflowed: z_d > ~88), C / l_s may be -1 + tiny after
+    # cancelling, and the plain difference (error ~ 2^-24 lse beside a gap >= log 1.5) is better.
     ratio = stats.shift / l_s
-    lse_gap = torch.where(torch.isfinite(ratio) & (ratio > -1.0), torch.log1p(ratio), lse_t - lse_s)
+    lse_gap = torch.where(ratio.abs() < 0.5, torch.log1p(ratio), lse_t - lse_s)
     rows = l_s.shape[0]
     dh = None
     if alpha == 0.0:
@@ -305,7 +306,7 @@ def torch_token_losses(
     *,
     alpha: float = 0.0,
     temperature: float = 1.0,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
 ) -> torch.Tensor:  # [N] fp32 (fp64 for fp64 inputs)
     """Per-token divergences without [N, V] logits; differentiable w.r.t. h_s, W, bias."""
     teacher_hidden = teacher_hidden.detach()

@@ -15,8 +15,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-# The working set of the twins, in MiB, whatever N and V are (``memory_budget_mb`` of the API).
-DEFAULT_MEMORY_BUDGET_MB = 32
+# ``memory_budget_mb`` of the API defaults to None: each path's own default. The twins' tiles
+# keep TILE_BUDGET_MB whatever N and V are (taller or wider tiles make their GEMMs no faster);
+# the 3-GEMM path's chunks grow with the inputs (``gemm_sdft.default_memory_budget_mb``).
+DEFAULT_MEMORY_BUDGET_MB = None
+TILE_BUDGET_MB = 32
 # Live fp32 [R, Vt] tiles at the peak of a vocabulary step (both logit tiles stacked, their
 # exponentials, and temporaries of the gradient formula).
 _LIVE_TILES = 8
@@ -24,8 +27,10 @@ _MAX_ROWS = 1024  # larger row chunks give no faster GEMMs on CPU and only cost 
 _MIN_VOCAB_TILE = 128
 
 
-def tile_sizes(num_tokens: int, vocab_size: int, memory_budget_mb: float) -> tuple[int, int]:
-    """Rows per chunk and vocabulary columns per tile for a memory budget (in MiB)."""
+def tile_sizes(num_tokens: int, vocab_size: int, memory_budget_mb: float | None) -> tuple[int, int]:
+    """Rows per chunk and vocabulary columns per tile for a memory budget (in MiB; None: 32)."""
+    if memory_budget_mb is None:
+        memory_budget_mb = TILE_BUDGET_MB
     budget_elems = max(int(memory_budget_mb * 2**20) // (4 * _LIVE_TILES), 1)
     # Prefer tall row chunks (each chunk reads all of W once), but keep tiles >= _MIN_VOCAB_TILE wide.
     rows = max(1, min(num_tokens, _MAX_ROWS, budget_elems // _MIN_VOCAB_TILE))

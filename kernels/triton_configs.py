@@ -70,6 +70,16 @@ FP32_CUDA_CONFIGS = (
 INTERPRETER_CONFIG = dict(
     BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, STAGE_V=128, BLOCK_DH=32, num_warps=1, num_stages=1
 )
+# The row kernel of the 3-GEMM path (``triton_rows``): one program per token sweeps its two fp32
+# logit rows in BLOCK_V-wide blocks; wide blocks keep enough loads in flight per program for a
+# memory-bound kernel (no tensor cores, so the dtype does not matter).
+ROW_CONFIGS = (
+    dict(BLOCK_V=4096, num_warps=8),
+    dict(BLOCK_V=2048, num_warps=8),
+    dict(BLOCK_V=1024, num_warps=4),
+)
+# Interpreter: narrow blocks, so that the tests' small vocabularies span several of them.
+INTERPRETER_ROW_CONFIG = dict(BLOCK_V=64, num_warps=1)
 # On CUDA, aim for this many programs per SM in the split (forward) sweeps.
 PROGRAMS_PER_SM = 4
 # On CPU (interpreter) use a few splits so that the merge path is always exercised.
@@ -170,18 +180,49 @@ def vocab_splits(num_row_blocks: int, num_vocab_tiles: int, device: torch.device
     return max(1, min(wanted, num_vocab_tiles))
 
 
-def with_config(phase_key: tuple, device: torch.device, run):
+def row_launch_meta(config: dict, device: torch.device) -> dict:
+    """BLOCK_V of a row-kernel config, plus num_warps on CUDA."""
+    meta = dict(BLOCK_V=config["BLOCK_V"])
+    if device.type == "cuda":
+        meta.update(num_warps=config["num_warps"])
+    return meta
+
+
+def _triton_error_types() -> tuple[type, ...]:
+    # The errors of a config that cannot compile or does not fit the GPU (shared memory,
+    # registers): OutOfResources, PTXASError and CompilationError where this Triton has them.
+    import triton.compiler.errors
+    import triton.runtime.errors
+
+    names = (
+        (triton.runtime.errors, "OutOfResources"),
+        (triton.runtime.errors, "PTXASError"),
+        (triton.compiler.errors, "CompilationError"),
+    )
+    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+
+
+# Errors after which the next config is tried. Anything else (CUDA errors, out of memory, wrong
+# arguments) is raised at once: retrying would hide it, or run into it again with every config.
+RETRYABLE_ERRORS = _triton_error_types()
+
+
+def with_config(phase_key: tuple, device: torch.device, run, configs=None, interpreter_config=None):
     """``run(config)`` with the first block config of the phase that compiles and launches.
 
-    ``phase_key`` starts with the phase (a key of CUDA_CONFIGS) and the input dtype. ``run``
-    allocates its own buffers and launches the phase's kernels, so a retry starts from scratch;
-    compile and out-of-resources errors happen before a kernel writes anything. CPU tensors
-    (the interpreter) always use INTERPRETER_CONFIG.
+    ``phase_key`` starts with the phase (a key of CUDA_CONFIGS) and the input dtype; ``configs``
+    replaces the phase's CUDA list (fp32 inputs: FP32_CUDA_CONFIGS). ``run`` allocates its own
+    buffers and launches the phase's kernels, so a retry starts from scratch; compile and
+    out-of-resources errors (RETRYABLE_ERRORS) happen before a kernel writes anything, and only
+    they move on to the next config. CPU tensors (the interpreter) use ``interpreter_config``
+    (default INTERPRETER_CONFIG).
     """
     if device.type != "cuda":
-        return run(INTERPRETER_CONFIG)
+        return run(INTERPRETER_CONFIG if interpreter_config is None else interpreter_config)
     phase, dtype = phase_key[0], phase_key[1]
-    configs = list(FP32_CUDA_CONFIGS if dtype == torch.float32 else CUDA_CONFIGS[phase])
+    if configs is None:
+        configs = FP32_CUDA_CONFIGS if dtype == torch.float32 else CUDA_CONFIGS[phase]
+    configs = list(configs)
     key = (*phase_key, device.index)
     all_configs = list(configs)
     cached = _WORKING_CONFIG.get(key)
@@ -192,7 +233,7 @@ def with_config(phase_key: tuple, device: torch.device, run):
             # Triton launches on the current CUDA device: make it the tensors' device.
             with torch.cuda.device(device):
                 result = run(config)
-        except Exception as error:
+        except RETRYABLE_ERRORS as error:
             if index == len(configs) - 1:
                 raise
             warnings.warn(

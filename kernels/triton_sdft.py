@@ -1,25 +1,31 @@
-"""Vocabulary-tiled Triton kernels for the fused linear self-distillation loss: the public function.
+"""Triton self-distillation loss: the public function, and the fused kernels' autograd.Function.
 
 Same semantics as ``sdft_kernels.reference.reference_token_losses`` (read it for the formulas),
-without ever holding [N, V] or [chunk, V] logits: every kernel computes [BLOCK_N, BLOCK_V]
-logit tiles of the student and the teacher in fp32 ``tl.dot`` accumulators (looping over D in
-BLOCK_D chunks) and folds them into per-token statistics or gradients straight away.
+by one of two designs, picked per call from the memory budget:
 
-* forward (``triton_forward``): per-token loss, and the three floats per token the backward
-  needs (lse_s, lse_t, grad_center; see ``sdft_kernels``);
-* backward (``triton_backward``): recomputes both logit tiles from those floats and forms
-  dh, and dW / dbias when the LM head requires grad.
+* the 3-GEMM path (``gemm_sdft`` with the ``triton_rows`` row kernel): per chunk of c tokens, an
+  fp32 [2c, V] logit buffer from one GEMM, a row pass for the loss and g, and g @ W for dh in
+  the forward: 3 GEMM-equivalents for loss + dh. It runs whenever ``memory_budget_mb`` holds
+  chunks of >= ``gemm_sdft.MIN_CHUNK_ROWS`` rows (or all N tokens); the default budget is a
+  quarter of the inputs' bytes in bf16 (``gemm_sdft.default_memory_budget_mb``).
+* the fused kernels, for smaller budgets: every kernel computes [BLOCK_N, BLOCK_V] logit tiles of
+  the student and the teacher in fp32 ``tl.dot`` accumulators (looping over D) and folds them
+  into per-token statistics or gradients straight away, never holding more than O(N) floats of
+  statistics: the forward (``triton_forward``) gives the per-token loss and the three floats
+  per token the backward needs (lse_s, lse_t, grad_center; see ``sdft_kernels``), the backward
+  (``triton_backward``) recomputes both logit tiles from those floats and forms dh, and dW /
+  dbias when the LM head requires grad. 5 GEMM-equivalents for loss + dh in the KL modes (the JSD
+  7, or 8 with the bf16/fp16 split of g); extra memory O(S * N) floats of statistics, 3 floats
+  per token saved for backward, the fp32 [N, D] dh (S partial ones with vocabulary splits) and
+  one fp32 [V, D] buffer for dW.
 
-The recompute design costs 5 GEMM-equivalents for loss + dh in the KL modes (the naive
-formula 3; the JSD 7, or 8 with the bf16/fp16 split of g) and keeps extra memory to O(S * N)
-floats of statistics, 3 floats per token saved for backward, one fp32 [N, D] buffer for dh
-(the result itself for fp32 inputs; staged: plus N * STAGE_V elements of slab, twice that for
-the JSD in bf16/fp16) and one fp32 [V, D] buffer for dW. Pointers are formed from int64
-row/column indices (N*V and V*D pass 2^31). Cost model and measurements: docs/kernels.md.
+Pointers are formed from int64 row/column indices (N*V and V*D pass 2^31). Cost model and
+measurements: docs/kernels.md.
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests): the interpreter's
 ``tl.dot`` cannot multiply bfloat16 (it stores them as uint16), so on CPU the dot operands are
-upcast to fp32 first — exact, since bf16 x bf16 products are exact in fp32 as on tensor cores.
+upcast to fp32 first — exact, since bf16 x bf16 products are exact in fp32 as on tensor cores;
+the 3-GEMM path's GEMMs likewise run in fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -28,14 +34,19 @@ import math
 import os
 
 import torch
+from sdft_kernels.gemm_sdft import gemm_token_losses, select_chunk_rows
 from sdft_kernels.triton_backward import launch_backward
+from sdft_kernels.triton_configs import SPLIT_G_MODES
 from sdft_kernels.triton_forward import launch_forward
+from sdft_kernels.triton_rows import launch_rows
+from sdft_kernels.triton_tiles import kernel_mode
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class TritonSelfDistillFunction(torch.autograd.Function):
-    """Per-token divergences [N] with a recompute backward (three floats saved per token)."""
+    """Per-token divergences [N] by the fused kernels, with a recompute backward (three floats
+    saved per token)."""
 
     @staticmethod
     def forward(ctx, student, teacher, weight, bias, alpha: float, temperature: float, num_splits):
@@ -62,7 +73,9 @@ class TritonSelfDistillFunction(torch.autograd.Function):
         return grad_hidden, None, grad_weight, grad_bias, None, None, None
 
 
-def _check_inputs(student_hidden, teacher_hidden, weight, bias, alpha, temperature) -> None:
+def _check_inputs(
+    student_hidden, teacher_hidden, weight, bias, alpha, temperature, grad_weights, chunk_rows
+) -> None:
     def fail(message):
         raise ValueError(f"triton_token_losses: {message}")
 
@@ -91,6 +104,10 @@ def _check_inputs(student_hidden, teacher_hidden, weight, bias, alpha, temperatu
         fail(f"alpha must be in [0, 1], got {alpha}")
     if not temperature > 0.0 or not math.isfinite(temperature):
         fail(f"temperature must be a finite number > 0, got {temperature}")
+    if grad_weights is not None and tuple(grad_weights.shape) != (student_hidden.shape[0],):
+        fail(f"grad_weights must be [N={student_hidden.shape[0]}], got shape {tuple(grad_weights.shape)}")
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 0):
+        fail(f"chunk_rows must be an int >= 0 (0: the fused kernels), got {chunk_rows!r}")
     device = student_hidden.device
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         fail("CPU tensors need TRITON_INTERPRET=1 (set before triton is imported); use CUDA tensors")
@@ -106,23 +123,44 @@ def triton_token_losses(
     *,
     alpha: float = 0.0,
     temperature: float = 1.0,
+    memory_budget_mb: float | None = None,
+    grad_weights: torch.Tensor | None = None,  # [N]
+    chunk_rows: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:  # [N] float32
     """Per-token divergence between the student's and the teacher's next-token distributions.
 
     ``alpha`` 0: forward KL(T||S); 1: reverse KL(S||T); between: generalized JSD with mixture
-    (1 - alpha) S + alpha T. Logits are (W h + b) / temperature, computed tile by tile in fp32
-    and never stored. Gradients flow to ``student_hidden`` and, when they require grad, to
-    ``weight`` and ``bias``; ``teacher_hidden`` is treated as a constant even if it requires grad.
-    With grad disabled (or nothing requiring grad) only the forward sweep runs and nothing is
-    saved. ``num_splits`` overrides the number of vocabulary splits of the forward (tests).
+    (1 - alpha) S + alpha T. Logits are (W h + b) / temperature, in fp32. Gradients flow to
+    ``student_hidden`` and, when they require grad, to ``weight`` and ``bias``;
+    ``teacher_hidden`` is treated as a constant even if it requires grad. With grad disabled (or
+    nothing requiring grad) only the loss is computed and nothing is saved.
+
+    ``memory_budget_mb`` (None: ``gemm_sdft.default_memory_budget_mb``) picks the design (see
+    the module doc). ``grad_weights``: the incoming gradient the caller expects per token, up to
+    one scalar (its reduction's coefficients); lets the 3-GEMM path sum dW and dbias in the
+    forward when the LM head trains (any other incoming gradient is still exact, at the cost of
+    a second sweep). ``chunk_rows`` overrides the budget (0: the fused kernels; k: 3-GEMM chunks
+    of k rows) and ``num_splits`` the fused forward's vocabulary splits (tests, benchmarks).
     """
     alpha, temperature = float(alpha), float(temperature)
-    _check_inputs(student_hidden, teacher_hidden, weight, bias, alpha, temperature)
+    _check_inputs(student_hidden, teacher_hidden, weight, bias, alpha, temperature, grad_weights, chunk_rows)
     student = student_hidden.contiguous()
     teacher = teacher_hidden.detach().contiguous()
-    if student.shape[0] == 0:
+    num_tokens, hidden = student.shape
+    if num_tokens == 0:
         return (student.sum(dim=1) * 0.0).float()  # [0], still attached to the graph
+    if chunk_rows is None:
+        chunk_rows = select_chunk_rows(
+            num_tokens, hidden, weight.shape[0], memory_budget_mb, student.device, student.dtype
+        )
+    if chunk_rows > 0:
+        return gemm_token_losses(
+            student, teacher, weight.contiguous(), None if bias is None else bias.contiguous(),
+            alpha=alpha, temperature=temperature, rows=min(chunk_rows, num_tokens), row_step=launch_rows,
+            split_g=kernel_mode(alpha) in SPLIT_G_MODES,
+            grad_weights=None if grad_weights is None else grad_weights.detach(),
+        )  # fmt: skip
     needs_grad = torch.is_grad_enabled() and (
         student.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

@@ -9,9 +9,12 @@ same completion tokens) and the LM head, and returns the SDFT objective without 
         hidden_t = teacher_model.model(...).last_hidden_state   # [B, T, D], same tokens
     loss = self_distill_loss(hidden_s, hidden_t, lm_head.weight, loss_mask=mask)
 
-Implementations (``impl``), all from ``sdft_kernels``: ``"triton"`` (CUDA kernels),
-``"torch"`` (chunked PyTorch, bounded memory, the CPU path), ``"reference"`` (full logits, for
-tests), ``"auto"`` (triton on CUDA when Triton imports, else torch). This module validates the
+Implementations (``impl``), all from ``sdft_kernels``: ``"triton"`` (CUDA: the 3-GEMM path
+with a Triton row kernel where ``memory_budget_mb`` holds chunks of >= 128 tokens, the fused
+Triton kernels below that), ``"torch"`` (chunked PyTorch, bounded memory, the CPU path),
+``"reference"`` (full logits, for tests), ``"auto"`` (triton on CUDA when Triton imports, else
+torch). ``memory_budget_mb=None`` is each implementation's default working memory (see
+``sdft_kernels.torch_tiles``). This module validates the
 inputs, keeps only the tokens that count, picks the implementation and reduces the per-token
 losses; ``reduce_token_losses`` applies the same reductions to losses computed once with
 ``reduction="none"`` (e.g. a weighted loss and an unweighted metric from one sweep).
@@ -280,7 +283,7 @@ def self_distill_loss(
     sequence_ids: torch.Tensor | None = None,  # int [N]: sequence of each token ([N, D] inputs)
     reduction: str = "sequence_mean",
     impl: str = "auto",
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
     process_group=None,  # torch.distributed group splitting the vocabulary (tensor parallel)
 ) -> torch.Tensor:
     """Self-distillation loss between the student's and the teacher's next-token distributions.
@@ -319,8 +322,10 @@ def self_distill_loss(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
-        raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb!r}")
+    if memory_budget_mb is not None and not (
+        isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0
+    ):
+        raise ValueError(f"memory_budget_mb must be None (the default) or > 0, got {memory_budget_mb!r}")
     if teacher_hidden is None:
         raise ValueError("teacher_hidden is required (a tensor shaped like student_hidden)")
     _check_hidden_and_head(student_hidden, teacher_hidden, lm_head_weight, lm_head_bias)
@@ -357,13 +362,29 @@ def self_distill_loss(
             memory_budget_mb=memory_budget_mb,
         )
         return _reduce(per_token.to(out_dtype), tokens, reduction)
+
+    grad_weights = None
+    head_trains = lm_head_weight.requires_grad or (lm_head_bias is not None and lm_head_bias.requires_grad)
+    if impl == "triton" and reduction != "none" and head_trains and torch.is_grad_enabled():
+        grad_weights = _reduction_weights(tokens, reduction, out_dtype)
     per_token = _token_losses(
-        h_s, h_t, lm_head_weight, lm_head_bias, float(alpha), float(temperature), impl, memory_budget_mb
-    )
+        h_s, h_t, lm_head_weight, lm_head_bias, float(alpha), float(temperature), impl, memory_budget_mb,
+        grad_weights,
+    )  # fmt: skip
     return _reduce(per_token.to(out_dtype), tokens, reduction)
 
 
-def _token_losses(h_s, h_t, weight, bias, alpha, temperature, impl, memory_budget_mb):
+def _reduction_weights(tokens: _Tokens, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """d(reduced loss)/d(per-token loss) of the counted tokens ([M]): the incoming gradient the
+    kernels can expect up to the reduced loss's own scalar gradient, so that the 3-GEMM path sums
+    dW in its forward. ``_reduce`` is linear: its gradient anywhere is these coefficients."""
+    probe = torch.zeros(tokens.counted_idx.numel(), dtype=dtype, device=tokens.counted_idx.device)
+    probe.requires_grad_(True)
+    (weights,) = torch.autograd.grad(_reduce(probe, tokens, reduction), probe)
+    return weights
+
+
+def _token_losses(h_s, h_t, weight, bias, alpha, temperature, impl, memory_budget_mb, grad_weights):
     """Per-token divergences [M] of the counted tokens by the chosen implementation."""
     if impl == "triton":
         return triton_token_losses(
@@ -373,6 +394,8 @@ def _token_losses(h_s, h_t, weight, bias, alpha, temperature, impl, memory_budge
             None if bias is None else bias.contiguous(),
             alpha=alpha,
             temperature=temperature,
+            memory_budget_mb=memory_budget_mb,
+            grad_weights=grad_weights,
         )
     if impl == "torch":
         return torch_token_losses(
@@ -393,7 +416,7 @@ class SelfDistillLoss(torch.nn.Module):
         temperature: float = 1.0,
         reduction: str = "sequence_mean",
         impl: str = "auto",
-        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
     ):
         super().__init__()
         self.alpha, self.temperature, self.reduction = alpha, temperature, reduction
@@ -440,7 +463,7 @@ def linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     reduction: str = "sequence_mean",
     temperature: float = 1.0,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
 ) -> torch.Tensor:
     """Cross-entropy of ``targets`` under the LM head, chunked (the SFT baseline's loss).
 
@@ -485,7 +508,7 @@ def token_logprobs(
     targets: torch.Tensor,  # long [N] (or [B, T])
     *,
     temperature: float = 1.0,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
 ) -> torch.Tensor:  # fp32 [N] (or [B, T]); no gradient
     """log p(target) under softmax((W h + b) / temperature), chunked; for importance ratios."""
     losses = linear_cross_entropy(

@@ -7,12 +7,14 @@ with or without a GPU or the interpreter.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+import triton.runtime.errors  # noqa: E402
 from sdft_kernels import triton_configs, triton_tiles  # noqa: E402
 
 
@@ -29,7 +31,7 @@ def test_cuda_config_fallback_and_cache(monkeypatch):
     def run(config):
         tried.append(config["BLOCK_V"])
         if config["BLOCK_V"] == 256:
-            raise RuntimeError("out of resources: shared memory")
+            raise triton.runtime.errors.OutOfResources(232448, 227328, "shared memory")
         return config["BLOCK_V"]
 
     fake_cuda = torch.device("cuda", 0)
@@ -39,10 +41,37 @@ def test_cuda_config_fallback_and_cache(monkeypatch):
     assert tried == [256, 128, 128]  # the second call starts from the cached config
 
     def always_fails(config):
-        raise RuntimeError(f"broken {config}")
+        raise triton.runtime.errors.OutOfResources(10**6, 227328, f"shared memory {config}")
 
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="broken"):
+    with pytest.warns(RuntimeWarning), pytest.raises(triton.runtime.errors.OutOfResources):
         triton_configs.with_config(("grad_hidden", torch.float16, 0), fake_cuda, always_fails)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        ValueError("wrong arguments"),
+    ],
+)
+def test_cuda_errors_and_out_of_memory_are_not_swallowed(monkeypatch, error):
+    """Only compile / out-of-resources errors move on to the next config: an out-of-memory or a
+    CUDA error raises at once, from the first config, with no retry that would hide it."""
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setitem(triton_configs.CUDA_CONFIGS, "grad_hidden", ({"BLOCK_V": 256}, {"BLOCK_V": 128}))
+    monkeypatch.setattr(triton_configs, "_WORKING_CONFIG", {})
+    tried = []
+
+    def run(config):
+        tried.append(config["BLOCK_V"])
+        raise error
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "retrying with the next config" warning would fail
+        with pytest.raises(type(error)):
+            triton_configs.with_config(("grad_hidden", torch.bfloat16, 0), torch.device("cuda", 0), run)
+    assert tried == [256]
 
 
 def test_cuda_config_cache_is_per_config_list(monkeypatch):

@@ -1,4 +1,7 @@
-"""Triton self-distillation kernels against the float64 full-logits oracle.
+"""The fused Triton self-distillation kernels against the float64 full-logits oracle.
+
+``triton_token_losses`` picks the 3-GEMM path (tests/kernels/test_gemm_sdft.py) whenever the
+budget allows; every call here forces the fused kernels (``chunk_rows=0``).
 
 Runs on CPU under ``TRITON_INTERPRET=1`` (how CI runs it) or on CUDA. Error-budget style: for
 the loss and every gradient, our error against float64 may not exceed the error of the
@@ -9,6 +12,7 @@ multiples of any block, and V spans several vocabulary tiles and splits.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -28,6 +32,8 @@ pytest.importorskip("triton")
 from sdft_kernels import triton_backward, triton_configs, triton_sdft  # noqa: E402
 from sdft_kernels.reference import reference_token_losses  # noqa: E402
 from sdft_kernels.triton_sdft import triton_token_losses  # noqa: E402
+
+fused_token_losses = functools.partial(triton_token_losses, chunk_rows=0)
 
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 # Allowed excess relative error over the same-dtype reference (relative to the oracle's max).
@@ -74,7 +80,7 @@ def assert_within_budget(
     student, teacher, weight, bias, grad_out, *, alpha, temperature, weight_grad, bias_grad, tol=None
 ):
     kw = dict(alpha=alpha, temperature=temperature, weight_grad=weight_grad, bias_grad=bias_grad)
-    ours = losses_and_grads(triton_token_losses, student, teacher, weight, bias, grad_out, **kw)
+    ours = losses_and_grads(fused_token_losses, student, teacher, weight, bias, grad_out, **kw)
     same_dtype = losses_and_grads(reference_token_losses, student, teacher, weight, bias, grad_out, **kw)
     exact = oracle(student, teacher, weight, bias, grad_out, **kw)
     with_bias_grad = bias_grad and bias is not None
@@ -176,7 +182,7 @@ def test_close_student_and_teacher_large_logits(alpha):
 def test_student_equal_to_teacher_gives_zero_loss_and_gradient(alpha):
     student, _, weight, bias = make_inputs(9, 40, 77, torch.float32, bias=True)
     loss, grads = losses_and_grads(
-        triton_token_losses, student, student.clone(), weight, bias, torch.ones(9, device=DEVICE),
+        fused_token_losses, student, student.clone(), weight, bias, torch.ones(9, device=DEVICE),
         alpha=alpha, temperature=1.3, weight_grad=True, bias_grad=True,
     )  # fmt: skip
     assert loss.abs().max().item() < 1e-5
@@ -190,7 +196,7 @@ def test_sum_backward_with_expanded_grad_output_and_zero_rows():
     student.requires_grad_(True)
     keep = torch.ones(37, device=DEVICE)
     keep[5:12] = 0.0
-    (triton_token_losses(student, teacher, weight, alpha=0.0) * keep).sum().backward()
+    (fused_token_losses(student, teacher, weight, alpha=0.0) * keep).sum().backward()
     assert (student.grad[5:12] == 0).all()
     student64 = student.detach().double().requires_grad_(True)
     (
@@ -203,7 +209,7 @@ def test_teacher_requiring_grad_is_a_constant():
     student, teacher, weight, _ = make_inputs(7, 41, 41, torch.float32, bias=False)
     student.requires_grad_(True)
     teacher.requires_grad_(True)
-    triton_token_losses(student, teacher, weight, alpha=1.0).sum().backward()
+    fused_token_losses(student, teacher, weight, alpha=1.0).sum().backward()
     assert teacher.grad is None
     assert student.grad is not None and student.grad.abs().sum() > 0
 
@@ -220,12 +226,12 @@ def test_no_grad_runs_only_the_forward_and_saves_nothing(monkeypatch):
         staticmethod(lambda *a: calls.append(1) or real_forward(*a)),
     )
     with torch.no_grad():
-        out = triton_token_losses(student, teacher, weight, bias, alpha=0.5)
+        out = fused_token_losses(student, teacher, weight, bias, alpha=0.5)
     assert out.grad_fn is None and not out.requires_grad
-    frozen = triton_token_losses(student.detach(), teacher, weight.detach(), bias, alpha=0.5)
+    frozen = fused_token_losses(student.detach(), teacher, weight.detach(), bias, alpha=0.5)
     assert frozen.grad_fn is None
     assert calls == []  # the autograd.Function (which saves stats) never ran
-    with_grad = triton_token_losses(student, teacher, weight, bias, alpha=0.5)
+    with_grad = fused_token_losses(student, teacher, weight, bias, alpha=0.5)
     assert with_grad.grad_fn is not None and calls == [1]
     torch.testing.assert_close(out, with_grad.detach(), rtol=0, atol=0)
 
@@ -234,7 +240,7 @@ def test_frozen_weight_gets_no_gradient_but_bias_does():
     student, teacher, weight, bias = make_inputs(7, 41, 41, torch.float32, bias=True)
     student.requires_grad_(True)
     bias.requires_grad_(True)
-    triton_token_losses(student, teacher, weight, bias, alpha=0.3).sum().backward()
+    fused_token_losses(student, teacher, weight, bias, alpha=0.3).sum().backward()
     assert weight.grad is None
     bias64 = bias.detach().double().requires_grad_(True)
     reference_token_losses(
@@ -247,9 +253,9 @@ def test_frozen_weight_gets_no_gradient_but_bias_does():
 def test_vocabulary_splits_merge_deterministically(alpha):
     """Any number of splits gives the same losses; the same call twice is bitwise identical."""
     student, teacher, weight, bias = make_inputs(37, 33, 201, torch.float32, bias=True)
-    one = triton_token_losses(student, teacher, weight, bias, alpha=alpha, num_splits=1)
-    many = triton_token_losses(student, teacher, weight, bias, alpha=alpha, num_splits=5)
-    again = triton_token_losses(student, teacher, weight, bias, alpha=alpha, num_splits=5)
+    one = fused_token_losses(student, teacher, weight, bias, alpha=alpha, num_splits=1)
+    many = fused_token_losses(student, teacher, weight, bias, alpha=alpha, num_splits=5)
+    again = fused_token_losses(student, teacher, weight, bias, alpha=alpha, num_splits=5)
     assert torch.equal(many, again)
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-6)
 
@@ -257,7 +263,7 @@ def test_vocabulary_splits_merge_deterministically(alpha):
 def test_empty_batch():
     student, teacher, weight, _ = make_inputs(0, 16, 40, torch.float32, bias=False)
     student.requires_grad_(True)
-    out = triton_token_losses(student, teacher, weight)
+    out = fused_token_losses(student, teacher, weight)
     assert out.shape == (0,)
     out.sum().backward()
     assert student.grad.shape == (0, 16)
@@ -293,7 +299,7 @@ def test_bad_inputs_raise_clear_errors(change, match):
     args.update(change)
     on_device = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
-        triton_token_losses(
+        fused_token_losses(
             on_device["student"], on_device["teacher"], on_device["weight"], on_device["bias"],
             alpha=on_device["alpha"], temperature=on_device["temperature"],
         )  # fmt: skip
@@ -340,7 +346,7 @@ def test_bf16_jsd_gradients_are_the_rounded_exact_ones(monkeypatch, variant):
     )
     grad_out = torch.rand(20, generator=torch.Generator().manual_seed(5)).to(DEVICE) + 0.5
     kw = dict(alpha=0.5, temperature=1.0, weight_grad=variant == "staged", bias_grad=False)
-    ours = losses_and_grads(triton_token_losses, student, teacher, weight, None, grad_out, **kw)[1]
+    ours = losses_and_grads(fused_token_losses, student, teacher, weight, None, grad_out, **kw)[1]
     exact = oracle(student, teacher, weight, None, grad_out, **kw)[1]
     for name, mine, truth in zip(["d_student", "d_weight"], ours, exact):
         floor = relative_error(truth.to(torch.bfloat16), truth)

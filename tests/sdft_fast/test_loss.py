@@ -138,6 +138,62 @@ def test_reduce_token_losses_validates_like_the_loss():
 def test_memory_budget_default_is_the_kernels_one():
     for fn in (self_distill_loss, linear_cross_entropy, token_logprobs, SelfDistillLoss):
         assert inspect.signature(fn).parameters["memory_budget_mb"].default == DEFAULT_MEMORY_BUDGET_MB
+    h_s, h_t, w, mask = batch(dtype=torch.float32)
+    with pytest.raises(ValueError, match="memory_budget_mb must be None"):
+        self_distill_loss(h_s, h_t, w, loss_mask=mask, memory_budget_mb=0)
+
+
+TRITON_ONLY = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="impl='triton' needs CUDA or TRITON_INTERPRET=1",
+)
+
+
+@TRITON_ONLY
+@pytest.mark.triton
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("head", [False, True])
+def test_triton_reductions_with_an_incoming_gradient(monkeypatch, reduction, head):
+    """impl="triton" (the 3-GEMM path at the default budget) under every reduction, with token
+    weights and a mask, and an incoming gradient that is not 1 (a scalar 1.7, or per-token values
+    for reduction="none"): loss and gradients within the fp32 error budget of the float64 oracle.
+    With a trainable head, the reduced losses let the forward sum dW (grad_weights from the
+    reduction), reduction="none" takes the backward's second sweep."""
+    device = torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+    h_s, h_t, w, mask = (t.to(device) for t in batch(dtype=torch.float64))
+    b = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+    weights = (
+        torch.rand(mask.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    ).to(device)
+
+    def run(dtype, impl):
+        leaves = [t.to(dtype).requires_grad_() for t in (h_s, w, b)]
+        leaves[1].requires_grad_(head)
+        leaves[2].requires_grad_(head)
+        loss = self_distill_loss(
+            leaves[0], h_t.to(dtype), leaves[1], leaves[2], alpha=0.5, loss_mask=mask,
+            token_weights=weights.to(dtype), reduction=reduction, impl=impl,
+        )  # fmt: skip
+        incoming = torch.full_like(loss, 1.7)
+        if reduction == "none":
+            incoming = torch.rand(loss.shape, generator=torch.Generator().manual_seed(6), dtype=loss.dtype)
+            incoming = incoming.to(device)
+        wrt = leaves if head else leaves[:1]
+        return [loss.detach().double()] + [g.double() for g in torch.autograd.grad(loss, wrt, incoming)]
+
+    from sdft_kernels import gemm_sdft
+
+    sweeps = []
+    real_sweep = gemm_sdft.chunked_sweep
+    monkeypatch.setattr(gemm_sdft, "chunked_sweep", lambda *a, **k: sweeps.append(k) or real_sweep(*a, **k))
+    ours = run(torch.float32, "triton")
+    # one sweep (the forward) unless the head trains with no reduction to expect a gradient from
+    assert len(sweeps) == (2 if head and reduction == "none" else 1)
+    same, exact = run(torch.float32, "reference"), run(torch.float64, "reference")
+    for name, mine, theirs, truth in zip(["loss", "d_student", "d_weight", "d_bias"], ours, same, exact):
+        scale = truth.abs().max().item()
+        err, ref_err = (mine - truth).abs().max().item(), (theirs - truth).abs().max().item()
+        assert err <= ref_err + 2e-5 * scale, f"{name}: {err:.3g} > {ref_err:.3g} + 2e-5 * {scale:.3g}"
 
 
 def test_flat_inputs_take_sequences_from_sequence_ids():
