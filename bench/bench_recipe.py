@@ -143,6 +143,7 @@ def run_one(args) -> dict:
     from harness import environment
 
     from sdft_fast.continual import Evaluator, run_continual
+    from sdft_fast.data import DataLimits
     from sdft_fast.default_model import load_tokenizer, resolve_model_path
     from sdft_fast.eval import reference_logprobs
 
@@ -180,6 +181,7 @@ def run_one(args) -> dict:
             tokenizer=tokenizer,
             evaluator_factory=timed_evaluator,
             start=start,
+            limits=DataLimits(max_completion_tokens=256),  # the SFT target: the demonstration
         )
     if start is None:
         cache.write_text(json.dumps(state["evaluations"][0]))
@@ -396,7 +398,7 @@ def run_peer(args) -> None:
         scores = peer_score(args, adapter, reference, tokenizer)
         row = {**environment("cpu"), "threads": args.threads, "contender": name, "rollout_source": args.rollout_source,
                **{k: v for k, v in PEER.items()}, **scores, "train_process_s": round(seconds, 1)}  # fmt: skip
-        append_row(PEER_CSV, row)
+        append_row(Path(args.csv or PEER_CSV), row)
         table.append(row)
     print("| contender | recall | direct | indirect | probes (121) | KL from start | train process s |")
     print("|---|---|---|---|---|---|---|")
@@ -440,7 +442,9 @@ def main(argv=None) -> int:
         "--model", default=None, help="local HF folder (default: embedded SmolLM2-135M-Instruct)"
     )
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "sdft_recipe"))
-    parser.add_argument("--csv", default=str(RECIPE_CSV))
+    parser.add_argument(
+        "--csv", default=None, help="results file (default: recipe.csv; --peer: recipe_peer.csv)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--plot", action="store_true", help="draw recipe.png from the CSV and exit")
     parser.add_argument("--peer", action="store_true", help="TRL beside sdft_fast on the issue's setup")
@@ -449,7 +453,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.plot:
-        plot(Path(args.csv), Path(args.csv).with_suffix(".png"))
+        results = Path(args.csv or RECIPE_CSV)
+        plot(results, results.with_suffix(".png"))
         return 0
     if not 1 <= args.facts <= 16:
         parser.error("--facts must lie in 1..16 (the demo plan's two fact stages)")
@@ -463,8 +468,11 @@ def main(argv=None) -> int:
     if args.peer:
         run_peer(args)
         return 0
-    row = run_one(args)
-    append_row(Path(args.csv), row)
+    try:
+        row = run_one(args)
+    except ValueError as error:  # a bad setting or row: one line, as the CLI does
+        raise SystemExit(f"bench_recipe: {error}") from None
+    append_row(Path(args.csv or RECIPE_CSV), row)
     print(json.dumps(row))
     return 0
 
