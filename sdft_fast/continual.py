@@ -7,6 +7,11 @@ EMA teacher, the same teacher; a fresh optimizer and learning-rate schedule per 
 The plan comes from :mod:`sdft_fast.continual_plan`; :mod:`sdft_fast.continual_report` turns the
 result into the matrix, the transfer metrics, Markdown, CSV and a plot.
 
+With ``anchors`` in the plan, each stage's training rows are joined by general prompts whose teacher
+prompt is the student prompt (no demonstration): SDFT with the frozen base teacher then keeps the
+student's distribution on them close to the start model's, and SFT trains on the start model's own
+greedy answers to them (taken before any training) — the same rehearsal for both methods.
+
 Resume: stage ``i`` trains in ``stage-<i>-<name>/`` under the run's folder, with checkpoints every
 ``save_every`` steps, and ``continual_state.json`` records each evaluation as soon as it is done. A
 rerun with the same plan and settings continues where the last one stopped: inside a stage from its
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -29,7 +35,7 @@ from typing import Any
 
 from sdft_fast.config import TrainConfig
 from sdft_fast.continual_plan import DEFAULT_KIND, Plan, PlanError, Stage, stage_configs
-from sdft_fast.data import DataError, DataLimits, Example, encode_examples
+from sdft_fast.data import DataError, DataLimits, EncodedExample, Example, encode_examples, encode_prompt
 
 STATE_FILE = "continual_state.json"
 STATE_VERSION = 1
@@ -151,10 +157,86 @@ def run_identity(plan: Plan, configs: Sequence[TrainConfig], method: str, model_
                 "score": stage.score,
                 "teacher_template": stage.teacher_template,
                 "config": {k: v for k, v in config.to_dict().items() if k not in volatile},
+                "anchors": plan.anchor_count(stage),
             }
             for stage, config in zip(plan.stages, configs)
         ],
+        "anchors": None
+        if plan.anchors is None
+        else {"rows": _rows_digest(plan.anchors.rows), "max_new_tokens": plan.anchors.max_new_tokens},
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Anchors: general prompts trained toward the start model
+# ----------------------------------------------------------------------------------------------------
+
+
+def anchor_choice(plan: Plan, number: int, seed: int) -> list[int]:
+    """Which anchor rows stage ``number`` (1-based) mixes in: the first ``anchor_count`` of a permutation
+    seeded by the stage's seed (wrapping around when it needs more than there are), so each stage
+    rehearses its own draw and a resumed run draws the same."""
+    count = plan.anchor_count(plan.stages[number - 1])
+    if count == 0:
+        return []
+    order = list(range(len(plan.anchors.rows)))
+    random.Random(seed).shuffle(order)
+    return [order[i % len(order)] for i in range(count)]
+
+
+def encode_anchor_prompts(plan: Plan, tokenizer, limits: DataLimits | None) -> list[list[int]]:
+    """Token ids of every anchor prompt, checked against the prompt limit (PlanError naming the row)."""
+    if plan.anchors is None:
+        return []
+    limit = (limits or DataLimits()).max_prompt_tokens
+    encoded = []
+    for row in plan.anchors.rows:
+        ids = encode_prompt(tokenizer, row.prompt)
+        if len(ids) > limit:
+            raise PlanError(
+                plan.source,
+                f"{row.source}, row {row.row}: prompt has {len(ids)} tokens, more than max_prompt_tokens={limit}",
+                key="anchors.path",
+            )
+        encoded.append(ids)
+    return encoded
+
+
+def start_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The start model's greedy answers to the anchor prompts, each ending with EOS: SFT's targets."""
+    from sdft_fast.eval import greedy_completions
+    from sdft_fast.sampling import stop_token_ids
+
+    stops = set(stop_token_ids(tokenizer, getattr(model, "hf_model", None)))
+    answers = []
+    for completion in greedy_completions(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens):
+        completion = list(completion)
+        while completion and completion[-1] in stops:
+            completion.pop()
+        answers.append(completion + [int(tokenizer.eos_token_id)])
+    return answers
+
+
+def anchor_examples(
+    plan: Plan, chosen: list[int], prompt_ids: list[list[int]], answers: list[list[int]] | None
+) -> list[EncodedExample]:
+    """Encoded anchor rows: the teacher prompt is the student prompt; the SFT target is the start model's
+    answer (SDFT never reads it, so without ``answers`` it is left empty)."""
+    out = []
+    for index in chosen:
+        row = plan.anchors.rows[index]
+        out.append(
+            EncodedExample(
+                student_prompt_ids=list(prompt_ids[index]),
+                teacher_prompt_ids=list(prompt_ids[index]),
+                demonstration_ids=list(answers[index]) if answers is not None else [],
+                answers=None,
+                row=row.row,
+                source=row.source,
+                meta={"anchor": True},
+            )
+        )
+    return out
 
 
 def _first_difference(saved: Any, current: Any, path: str = "") -> str | None:
@@ -184,7 +266,7 @@ def same_plan(state: dict[str, Any], other: dict[str, Any]) -> bool:
 
     def data(identity: dict[str, Any]) -> Any:
         stages = [(s["name"], s["train"], s["eval"], s["score"]) for s in identity["stages"]]
-        return stages, identity["probes"], identity["eval"], identity["model"]
+        return stages, identity["probes"], identity["eval"], identity["model"], identity.get("anchors")
 
     return data(state["identity"]) == data(other["identity"])
 
@@ -241,6 +323,8 @@ def run_continual(
             )
         except DataError as error:
             raise PlanError(plan.source, str(error), stage=number, name=stage.name, key="train") from error
+    anchor_prompts = encode_anchor_prompts(plan, tokenizer, limits)
+    anchors_chosen = [anchor_choice(plan, number, c.seed) for number, c in enumerate(configs, start=1)]
     identity = run_identity(plan, configs, method, Path(model_path).name)
 
     state = None if restart else load_state(run_dir)
@@ -278,6 +362,10 @@ def run_continual(
         evaluate = evaluator_factory(model, tokenizer, plan)
     else:
         evaluate = Evaluator(tokenizer, plan, reference_logprobs(model, tokenizer))
+    answers = None
+    if method == "sft" and any(anchors_chosen):
+        # SFT's anchor targets: the start model's own answers, taken now (before any stage's weights).
+        answers = start_answers(model, tokenizer, anchor_prompts, plan.anchors.max_new_tokens)
     if not state["evaluations"]:
         if start is not None:
             save_evaluation(json.loads(json.dumps(start)), "start")
@@ -291,6 +379,8 @@ def run_continual(
     for number, (stage, config, rows) in enumerate(zip(plan.stages, configs, encoded), start=1):
         if number < len(state["evaluations"]):
             continue  # trained and scored by an earlier call
+        anchors = anchor_examples(plan, anchors_chosen[number - 1], anchor_prompts, answers)
+        rows = rows + anchors
         folder = Path(config.output_dir)
         resume = find_intact_checkpoint(folder, warn=stderr_notice)
         if resume is None and number > 1:
@@ -303,7 +393,8 @@ def run_continual(
                 )
             load_model_state(previous, model=model)
         log(
-            f"{method}: stage {number}/{len(plan.stages)} ({stage.name}): {len(rows)} rows"
+            f"{method}: stage {number}/{len(plan.stages)} ({stage.name}): {len(rows) - len(anchors)} rows"
+            + (f" + {len(anchors)} anchors" if anchors else "")
             + (f", resuming from {resume.name}" if resume is not None else "")
         )
         # The stage's folder belongs to this run: without a checkpoint to resume, a stage killed

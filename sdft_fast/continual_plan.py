@@ -8,6 +8,7 @@ Plan file, YAML or JSON (paths relative to the file)::
     sdft: {rollout_source: mix}                       # ... one method only
     sft: {lr: 3.0e-4}
     eval: {max_new_tokens: 24, batch_size: 32, probes: [probes.jsonl]}
+    anchors: {path: questions.jsonl, fraction: 0.25, max_new_tokens: 48}   # optional
     stages:
       - name: facts-a
         train: facts_a/train.jsonl    # prompt + demonstration rows, as for `sdft-fast train`
@@ -26,6 +27,9 @@ Settings, lowest precedence first: TrainConfig's defaults, the plan's ``settings
 block, the stage's ``settings``, the stage's method block, then the overrides (the command line's
 flags). Stage ``i`` (1-based) trains with ``seed + i - 1``. The model is built once, so the fields in
 ``RUN_FIELDS`` (adapter shape, teacher mode, dtype, device) cannot change between stages.
+
+``anchors`` (optional) mixes general prompts into every stage's training rows, trained toward the
+start model (:class:`Anchors`); a stage's ``anchor_fraction`` overrides the plan's fraction.
 
 Every mistake is a :class:`PlanError` naming the plan file, the stage (number and name) and the field;
 errors inside a data file keep its own file, row and field.
@@ -51,9 +55,10 @@ from sdft_fast.data import (
 )
 from sdft_fast.eval import RETENTION_PROBES_PATH, reply_pattern, retention_probes
 
-PLAN_KEYS = ("name", "teacher_template", "settings", *METHODS, "eval", "stages")
-STAGE_KEYS = ("name", "train", "eval", "score", "teacher_template", "settings", *METHODS)
+PLAN_KEYS = ("name", "teacher_template", "settings", *METHODS, "eval", "anchors", "stages")
+STAGE_KEYS = ("name", "train", "eval", "score", "teacher_template", "anchor_fraction", "settings", *METHODS)
 EVAL_KEYS = ("max_new_tokens", "batch_size", "probes")
+ANCHOR_KEYS = ("path", "fraction", "max_new_tokens")
 # The model is built once per run: these settings are the run's, not a stage's.
 RUN_FIELDS = ("method", "lora_rank", "lora_alpha", "lora_dropout", "teacher", "dtype", "device")
 RUNNER_FIELDS = ("output_dir",)  # set by the runner (one folder per stage)
@@ -85,6 +90,22 @@ class ProbeSet:
 
 
 @dataclass(frozen=True)
+class Anchors:
+    """General prompts mixed into every stage's training rows, trained toward the start model.
+
+    An anchor row's teacher prompt is its student prompt (no demonstration): with the frozen base
+    teacher, SDFT minimises the KL from the start model on the student's own samples there; SFT
+    trains on the start model's own greedy answer (``max_new_tokens`` long at most). A stage of n
+    training rows gets round(n f / (1 - f)) anchors, so they are a fraction f of its rows.
+    """
+
+    rows: list[Example]  # prompts (any other field is ignored)
+    source: str
+    fraction: float = 0.25
+    max_new_tokens: int = 48
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     train: list[Example]  # prompt + demonstration rows
@@ -93,6 +114,7 @@ class Stage:
     teacher_template: str
     settings: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields, every method
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> fields
+    anchor_fraction: float | None = None  # None: the plan's anchors.fraction
 
     def kinds(self) -> list[str]:
         return sorted({row.meta.get("kind", DEFAULT_KIND) for row in self.eval})
@@ -114,6 +136,14 @@ class Plan:
     eval_max_new_tokens: int = 24
     eval_batch_size: int = 32
     probes: list[ProbeSet] = field(default_factory=list)
+    anchors: Anchors | None = None
+
+    def anchor_count(self, stage: Stage) -> int:
+        """How many anchor rows join ``stage``'s training rows."""
+        if self.anchors is None:
+            return 0
+        fraction = self.anchors.fraction if stage.anchor_fraction is None else stage.anchor_fraction
+        return round(len(stage.train) * fraction / (1.0 - fraction)) if fraction > 0 else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,6 +263,31 @@ def probe_sets(value: Any, base_dir: str | os.PathLike, source: str) -> list[Pro
     return sets
 
 
+def _fraction(value: Any, source: str, key: str, **where) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise PlanError(source, f"must be a number in [0, 1), got {value!r}", key=key, **where)
+    return float(value)
+
+
+def _anchors(value: Any, base_dir: Path, source: str) -> Anchors | None:
+    if value is None:
+        return None
+    block = _mapping(value, source, "anchors", ANCHOR_KEYS)
+    if "path" not in block:
+        raise PlanError(source, "is missing (a file of general prompts)", key="anchors.path")
+    rows = _read_rows(block["path"], base_dir, source, "anchors.path", False)
+    length = block.get("max_new_tokens", 48)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise PlanError(source, f"must be an integer >= 1, got {length!r}", key="anchors.max_new_tokens")
+    path = Path(block["path"]) if Path(block["path"]).is_absolute() else base_dir / block["path"]
+    return Anchors(
+        rows=rows,
+        source=str(path),
+        fraction=_fraction(block.get("fraction", 0.25), source, "anchors.fraction"),
+        max_new_tokens=length,
+    )
+
+
 def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Plan:
     """Validate a plan given as a mapping (the parsed file); errors name ``source``, stage and field."""
     base_dir = Path(base_dir)
@@ -291,6 +346,11 @@ def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Pl
             raise PlanError(
                 source, f"no evaluation row has kind {score!r} (kinds: {sorted(kinds)})", key="score", **where
             )
+        anchor_fraction = stage.get("anchor_fraction")
+        if anchor_fraction is not None:
+            if "anchors" not in top:
+                raise PlanError(source, "the plan has no anchors to mix in", key="anchor_fraction", **where)
+            anchor_fraction = _fraction(anchor_fraction, source, "anchor_fraction", **where)
         stage_template = stage.get("teacher_template", template)
         try:
             validate_teacher_template(stage_template)
@@ -307,6 +367,7 @@ def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Pl
                 method_settings={
                     m: _settings(stage.get(m), source, m, stage_level=True, **where) for m in METHODS
                 },
+                anchor_fraction=anchor_fraction,
             )
         )
     return Plan(
@@ -321,6 +382,7 @@ def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Pl
         eval_max_new_tokens=eval_block.get("max_new_tokens", 24),
         eval_batch_size=eval_block.get("batch_size", 32),
         probes=probe_sets(eval_block.get("probes"), base_dir, source),
+        anchors=_anchors(top.get("anchors"), base_dir, source),
     )
 
 

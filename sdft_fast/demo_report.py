@@ -59,7 +59,9 @@ def settings_lines(plan: Plan, methods: list[str]) -> list[str]:
         configs = stage_configs(plan, method, "demo_runs")
         parts = []
         for stage, config in zip(plan.stages, configs):
-            detail = f"{stage.name}: {len(stage.train)} rows, {config.max_steps} steps x {config.batch_size}, lr {config.lr:g}"
+            anchors = plan.anchor_count(stage)
+            rows = f"{len(stage.train)} rows" + (f" + {anchors} anchors" if anchors else "")
+            detail = f"{stage.name}: {rows}, {config.max_steps} steps x {config.batch_size}, lr {config.lr:g}"
             if method == "sdft":
                 source = (
                     f"{config.teacher_rollout_fraction:g} of the rollouts under the teacher prompt, the rest under the student's"

@@ -260,3 +260,52 @@ def test_the_real_scorer_and_the_command_line(plan_path, tiny_model_dir, tmp_pat
     markdown = (out / "continual.md").read_text()
     assert "## SDFT" in markdown and "## SFT" in markdown and (out / "continual.png").is_file()
     assert main(common + ["--method", "sdft", "--lr", "-1"]) == 2  # a bad flag: one line, exit 2
+
+
+@pytest.mark.parametrize("method", ["sdft", "sft"])
+def test_anchor_rows_train_toward_the_start_model(
+    plan_path, tiny_model_dir, tokenizer, tmp_path, monkeypatch, method
+):
+    """Each stage trains on its rows plus its share of anchors: the teacher prompt is the student prompt,
+    and SFT's target is the start model's own greedy answer (+ EOS), whatever the stage."""
+    from sdft_fast import run as run_module
+    from sdft_fast.config import TrainConfig
+    from sdft_fast.continual import anchor_choice
+    from sdft_fast.data import encode_prompt
+    from sdft_fast.eval import greedy_completions
+    from sdft_fast.trainer import build_model
+
+    plan = json.loads(plan_path.read_text())
+    anchors = [{"prompt": f"Name a colour number {i}."} for i in range(5)]
+    write_jsonl(plan_path.parent / "anchors.jsonl", anchors)
+    plan["anchors"] = {"path": "anchors.jsonl", "fraction": 0.5, "max_new_tokens": 4}
+    anchored = plan_path.parent / "anchored.json"
+    anchored.write_text(json.dumps(plan))
+
+    seen = []
+    real_train = run_module.train
+
+    def recording_train(model, tok, rows, config, **kwargs):
+        seen.append(list(rows))
+        return real_train(model, tok, rows, config, **kwargs)
+
+    monkeypatch.setattr(run_module, "train", recording_train)
+    run(anchored, tiny_model_dir, tokenizer, tmp_path / method, [], method=method, overrides={"max_steps": 1})
+    assert [len(rows) for rows in seen] == [3 + 3, 2 + 2]  # fraction 1/2: as many anchors as rows
+    start = build_model(tiny_model_dir, TrainConfig(lora_rank=4, device="cpu"))
+    prompts = {row["prompt"]: encode_prompt(tokenizer, row["prompt"]) for row in anchors}
+    for rows in seen:
+        drawn = [row for row in rows if row.meta.get("anchor")]
+        assert drawn and all(row.teacher_prompt_ids == row.student_prompt_ids for row in drawn)
+        assert all(row.student_prompt_ids in prompts.values() for row in drawn)
+        for row in drawn:
+            if method == "sft":
+                (answer,) = greedy_completions(start, tokenizer, [row.student_prompt_ids], max_new_tokens=4)
+                answer = [t for t in answer if t != tokenizer.eos_token_id]
+                assert row.demonstration_ids == answer + [tokenizer.eos_token_id]
+            else:
+                assert row.demonstration_ids == []
+    # The draw is a function of the stage's seed: the same on a rerun, another for the next stage.
+    loaded = load_plan(anchored)
+    assert anchor_choice(loaded, 1, seed=0) == anchor_choice(loaded, 1, seed=0)
+    assert sorted(anchor_choice(loaded, 1, seed=0)) != sorted(anchor_choice(loaded, 1, seed=1))

@@ -151,3 +151,37 @@ def test_unreadable_plans_and_settings_that_make_no_config(files):
         PlanError, match=r"stage 1 \('facts-a'\): TrainConfig.rollout_source='teacher': only method"
     ):
         stage_configs(plan, "sft", files / "run")
+
+
+def test_anchors_mix_a_fraction_of_general_prompts_into_each_stage(files):
+    write_jsonl(files / "anchors.jsonl", [{"prompt": f"What is {i} + 1?"} for i in range(10)])
+    plan = load_plan(
+        write_plan(
+            files,
+            bad(
+                {"anchor_fraction": 0.0},
+                anchors={"path": "anchors.jsonl", "fraction": 1 / 3, "max_new_tokens": 16},
+            ),
+        )
+    )
+    assert len(plan.anchors.rows) == 10 and plan.anchors.max_new_tokens == 16
+    # Stage 1: 2 training rows -> round(2 x (1/3) / (2/3)) = 1 anchor; stage 2 turns them off.
+    assert [plan.anchor_count(stage) for stage in plan.stages] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "anchors, stage, message",
+    [
+        ({"fraction": 0.2}, {}, r"field 'anchors.path': is missing"),
+        ({"path": "nope.jsonl"}, {}, r"field 'anchors.path': file .*nope.jsonl does not exist"),
+        ({"path": "anchors.jsonl", "fraction": 1.0}, {}, r"field 'anchors.fraction': must be a number in \[0, 1\)"),
+        ({"path": "anchors.jsonl", "share": 0.2}, {}, r"field 'anchors': unknown key\(s\) \['share'\]"),
+        (None, {"anchor_fraction": 0.2}, r"stage 2 \('facts-b'\), field 'anchor_fraction': the plan has no anchors"),
+        ({"path": "anchors.jsonl"}, {"anchor_fraction": -0.1}, r"stage 2 .*'anchor_fraction': must be a number"),
+    ],
+)  # fmt: skip
+def test_bad_anchors_name_the_field(files, anchors, stage, message):
+    write_jsonl(files / "anchors.jsonl", [{"prompt": "What is 2 + 2?"}])
+    changes = {} if anchors is None else {"anchors": anchors}
+    with pytest.raises(PlanError, match=message):
+        load_plan(write_plan(files, bad(stage, **changes)))

@@ -28,6 +28,7 @@ def test_three_stages_facts_skill_facts(plan):
         assert len(stage.score_rows()) == 24  # 3 rephrasings per fact
     assert len(skill.train) >= 30 and len(skill.eval) >= 20 and skill.kinds() == ["format"]
     assert [p.name for p in plan.probes] == ["general-121"] and len(plan.probes[0].rows) == 121
+    assert plan.anchors is not None and [plan.anchor_count(s) for s in plan.stages] == [4, 20, 4]
     for method in ("sdft", "sft"):
         configs = stage_configs(plan, method, "runs")
         assert all(c.method == method and c.max_steps >= 1 and c.save_every >= 1 for c in configs)
@@ -58,6 +59,12 @@ def test_splits_are_disjoint(plan):
     stripped = {q.replace(" reply in json", "") for q in everything_trained_or_scored}
     assert not set(probes) & (everything_trained_or_scored | stripped)
     assert not {normalize_text(r.prompt) for r in retention_probes()} & set(probes)
+    # Anchors rehearse general questions: none is a probe (they would measure their own training) nor
+    # a task question.
+    anchors = [normalize_text(r.prompt) for r in plan.anchors.rows]
+    assert len(anchors) == len(set(anchors)) >= 40
+    assert not set(anchors) & (set(probes) | {normalize_text(r.prompt) for r in retention_probes()})
+    assert not set(anchors) & (everything_trained_or_scored | stripped)
 
 
 def test_fact_rows_come_from_the_demo_facts_and_carry_their_answer(plan):
