@@ -18,6 +18,7 @@ bench/results/recipe.png (new-fact accuracy against forgetting: the frontier bot
     python bench/bench_recipe.py --name R2 --rollout-source teacher
     python bench/bench_recipe.py --name sft-lr1e-3 --method sft --lr 1e-3
     python bench/bench_recipe.py --plot
+    python bench/bench_recipe.py --fair-sft R2   # the lowest SFT lr reaching SDFT row R2's accuracy
     python bench/bench_recipe.py --peer     # TRL's SDFTTrainer vs `sdft-fast train`, same flags and scorer
 
 Factors (the defaults are the issue's peer setup; "budget" = rollouts per fact, so steps =
@@ -273,6 +274,36 @@ def plot(path: Path, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def fair_sft(path: Path, sdft_name: str) -> None:
+    """The SFT learning rate to compare with SDFT row ``sdft_name``: among the SFT rows on the same
+    data and budget, the lowest lr whose direct accuracy reaches SDFT's (the issue's rule: compare
+    forgetting at comparable new-task accuracy). Prints the candidates and the choice."""
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    sdft = [r for r in rows if r["method"] == "sdft" and r["name"] == sdft_name]
+    if not sdft:
+        raise SystemExit(f"{path}: no SDFT row named {sdft_name!r}")
+    target = sdft[-1]
+    same = ("facts", "questions", "demo_form", "rollouts_per_fact", "batch_size")
+    candidates = sorted(
+        (r for r in rows if r["method"] == "sft" and all(r[k] == target[k] for k in same)),
+        key=lambda r: float(r["lr"]),
+    )
+    goal = int(target["direct"])
+    probe = "probes:general-121"
+    print(
+        f"SDFT {sdft_name}: direct {goal}/{target['direct_n']}, {probe} {target[probe]}/{target[probe + '_n']}"
+    )
+    print("| SFT lr | direct | probes (121) | KL | reaches SDFT |")
+    print("|---|---|---|---|---|")
+    for r in candidates:
+        print(
+            f"| {r['lr']} | {r['direct']}/{r['direct_n']} | {r[probe]} | {r['kl']} | {int(r['direct']) >= goal} |"
+        )
+    chosen = next((r for r in candidates if int(r["direct"]) >= goal), None)
+    print("fair SFT lr:", "none of these reaches SDFT's accuracy" if chosen is None else chosen["lr"])
+
+
 # ----------------------------------------------------------------------------- --peer: TRL beside sdft_fast
 
 PEER = dict(facts=8, copies=4, lr=2e-3, batch_size=8, steps=60, max_new_tokens=24, lora_rank=16)
@@ -448,13 +479,21 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--plot", action="store_true", help="draw recipe.png from the CSV and exit")
     parser.add_argument("--peer", action="store_true", help="TRL beside sdft_fast on the issue's setup")
+    parser.add_argument(
+        "--fair-sft",
+        metavar="SDFT_NAME",
+        help="print the lowest SFT lr (same data) that reaches that SDFT row",
+    )
     parser.add_argument("--only-trl", default=None, help=argparse.SUPPRESS)  # --peer's TRL process
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-    if args.plot:
+    if args.plot or args.fair_sft:
         results = Path(args.csv or RECIPE_CSV)
-        plot(results, results.with_suffix(".png"))
+        if args.plot:
+            plot(results, results.with_suffix(".png"))
+        if args.fair_sft:
+            fair_sft(results, args.fair_sft)
         return 0
     if not 1 <= args.facts <= 16:
         parser.error("--facts must lie in 1..16 (the demo plan's two fact stages)")

@@ -202,23 +202,30 @@ def encode_anchor_prompts(plan: Plan, tokenizer, limits: DataLimits | None) -> l
     return encoded
 
 
-def start_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """The start model's greedy answers to the anchor prompts, each ending with EOS: SFT's targets."""
+def start_answers(
+    model, tokenizer, prompt_ids: list[list[int]], indices: Sequence[int], max_new_tokens: int
+) -> dict[int, list[int]]:
+    """The start model's greedy answers to the anchor prompts at ``indices``, each ending with EOS:
+    SFT's targets (only the anchors some stage draws are decoded)."""
     from sdft_fast.eval import greedy_completions
     from sdft_fast.sampling import stop_token_ids
 
     stops = set(stop_token_ids(tokenizer, getattr(model, "hf_model", None)))
-    answers = []
-    for completion in greedy_completions(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens):
+    indices = sorted(set(indices))
+    completions = greedy_completions(
+        model, tokenizer, [prompt_ids[i] for i in indices], max_new_tokens=max_new_tokens
+    )
+    answers = {}
+    for index, completion in zip(indices, completions):
         completion = list(completion)
         while completion and completion[-1] in stops:
             completion.pop()
-        answers.append(completion + [int(tokenizer.eos_token_id)])
+        answers[index] = completion + [int(tokenizer.eos_token_id)]
     return answers
 
 
 def anchor_examples(
-    plan: Plan, chosen: list[int], prompt_ids: list[list[int]], answers: list[list[int]] | None
+    plan: Plan, chosen: list[int], prompt_ids: list[list[int]], answers: dict[int, list[int]] | None
 ) -> list[EncodedExample]:
     """Encoded anchor rows: the teacher prompt is the student prompt; the SFT target is the start model's
     answer (SDFT never reads it, so without ``answers`` it is left empty)."""
@@ -365,7 +372,8 @@ def run_continual(
     answers = None
     if method == "sft" and any(anchors_chosen):
         # SFT's anchor targets: the start model's own answers, taken now (before any stage's weights).
-        answers = start_answers(model, tokenizer, anchor_prompts, plan.anchors.max_new_tokens)
+        drawn = [index for chosen in anchors_chosen for index in chosen]
+        answers = start_answers(model, tokenizer, anchor_prompts, drawn, plan.anchors.max_new_tokens)
     if not state["evaluations"]:
         if start is not None:
             save_evaluation(json.loads(json.dumps(start)), "start")
