@@ -12,14 +12,13 @@ exit code 1. Handlers import torch and transformers when they run, so ``--help``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from sdft_fast.commands import cmd_continual, cmd_demo, cmd_eval, cmd_generate, cmd_merge, cmd_train
-from sdft_fast.config import ConfigError, flag_fields
+from sdft_fast.config import ConfigError, flag_fields, read_settings_file
 
 OVERLONG = ("error", "truncate", "skip")
 
@@ -220,16 +219,10 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     path = Path(args.config)
     if not path.is_file():
         raise ValueError(f"--config {path}: not a file")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".json":
-            values = json.loads(text)
-        else:
-            import yaml  # JSON is YAML too
-
-            values = yaml.safe_load(text)
-    except Exception as error:  # noqa: BLE001 - a YAML or JSON syntax error, named with the file
-        raise ValueError(f"--config {path}: not valid YAML/JSON ({' '.join(str(error).split())})") from None
+        values = read_settings_file(path)
+    except ValueError as error:  # a YAML or JSON syntax error, named with the file
+        raise ValueError(f"--config {path}: not valid YAML/JSON: {error}") from None
     if values is None:
         return args
     if not isinstance(values, dict):

@@ -9,8 +9,11 @@ Python code read the same definitions. This module imports nothing heavy (no tor
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 METHODS = ("sdft", "sft")  # self-distillation; the supervised baseline
@@ -329,6 +332,24 @@ def resume_differences(
         for name, value in now.items()
         if name not in allowed and saved.get(name, defaults[name]) != value
     }
+
+
+def read_settings_file(path: str | os.PathLike) -> Any:
+    """The contents of a YAML or JSON file (a ``.json`` suffix reads JSON, anything else YAML, of which
+    JSON is a subset): ``--config`` files and continual plans. A syntax error is a ``ValueError``
+    saying where (line, and column for YAML); the caller names the file."""
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"invalid JSON at line {error.lineno}: {error.msg}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"invalid YAML ({' '.join(str(error).split())})") from None
 
 
 def flag_fields() -> list[dataclasses.Field]:

@@ -59,20 +59,24 @@ class Evaluator:
         self.plan = plan
         self.reference = reference
 
-    def __call__(self, model, after_stage: int) -> Evaluation:
-        from sdft_fast.eval import drift_from_reference, evaluate_accuracy
+    def _decode_and_score(self, model, rows: list[Example], **view) -> dict:
+        from sdft_fast.eval import evaluate_accuracy
 
-        groups = [(stage.name, stage.eval) for stage in self.plan.stages]
-        groups += [(f"probes:{probes.name}", probes.rows) for probes in self.plan.probes]
-        rows = [row for _, group in groups for row in group]
-        result = evaluate_accuracy(
+        return evaluate_accuracy(
             model,
             self.tokenizer,
             rows,
             max_new_tokens=self.plan.eval_max_new_tokens,
             batch_size=self.plan.eval_batch_size,
+            **view,
         )
-        records = result["records"]
+
+    def __call__(self, model, after_stage: int) -> Evaluation:
+        from sdft_fast.eval import drift_from_reference
+
+        groups = [(stage.name, stage.eval) for stage in self.plan.stages]
+        groups += [(f"probes:{probes.name}", probes.rows) for probes in self.plan.probes]
+        records = self._decode_and_score(model, [row for _, group in groups for row in group])["records"]
         evaluation: Evaluation = {"tasks": {}, "probes": {}, "records": {}}
         offset = 0
         for name, group in groups:
@@ -92,23 +96,14 @@ class Evaluator:
         """The start model's accuracy with each row's demonstration in its prompt (the stage's teacher
         template): what the teacher can do, the ceiling self-distillation trains toward. Only stages
         whose scored rows all carry a demonstration."""
-        from sdft_fast.eval import evaluate_accuracy
-
         out = {}
         for stage in self.plan.stages:
             rows = [stage.eval[i] for i in stage.score_rows()]
-            if not rows or not all(row.demonstration for row in rows):
-                continue
-            result = evaluate_accuracy(
-                model,
-                self.tokenizer,
-                rows,
-                max_new_tokens=self.plan.eval_max_new_tokens,
-                batch_size=self.plan.eval_batch_size,
-                view="teacher",
-                teacher_template=stage.teacher_template,
-            )
-            out[stage.name] = [result["correct"], result["n"]]
+            if rows and all(row.demonstration for row in rows):
+                result = self._decode_and_score(
+                    model, rows, view="teacher", teacher_template=stage.teacher_template
+                )
+                out[stage.name] = [result["correct"], result["n"]]
         return out
 
 

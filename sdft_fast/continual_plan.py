@@ -37,7 +37,6 @@ errors inside a data file keep its own file, row and field.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdft_fast.config import METHODS, TrainConfig
+from sdft_fast.config import METHODS, TrainConfig, read_settings_file
 from sdft_fast.data import (
     DEFAULT_TEACHER_TEMPLATE,
     DataError,
@@ -157,18 +156,10 @@ def load_plan(path: str | os.PathLike) -> Plan:
     source = str(path)
     if not path.is_file():
         raise PlanError(source, "plan file does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except json.JSONDecodeError as error:
-        raise PlanError(source, f"invalid JSON at line {error.lineno}: {error.msg}") from error
-    except Exception as error:  # yaml.YAMLError: the message carries line and column
-        raise PlanError(source, f"invalid YAML: {error}") from error
+        data = read_settings_file(path)
+    except ValueError as error:
+        raise PlanError(source, str(error)) from None
     return plan_from_dict(data, base_dir=path.parent, source=source)
 
 
