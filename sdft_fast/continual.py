@@ -156,6 +156,7 @@ def run_identity(plan: Plan, configs: Sequence[TrainConfig], method: str, model_
             }
             for stage, config in zip(plan.stages, configs)
         ],
+        "merge_between_stages": plan.merge_between_stages,
         "anchors": None
         if plan.anchors is None
         else {"rows": _rows_digest(plan.anchors.rows), "max_new_tokens": plan.anchors.max_new_tokens},
@@ -379,6 +380,18 @@ def run_continual(
                 evaluation["in_context"] = evaluate.in_context(model)
             save_evaluation(evaluation, "start")
 
+    def stage_end(number: int) -> Path:
+        """The last checkpoint of stage ``number``: its final step."""
+        found = find_intact_checkpoint(Path(configs[number - 1].output_dir), warn=stderr_notice)
+        if found is None:
+            raise FileNotFoundError(
+                f"stage {number} ({plan.stages[number - 1].name}) has no checkpoint in "
+                f"{configs[number - 1].output_dir} to continue from"
+            )
+        return found
+
+    in_memory = 0  # the stage whose final weights the model holds now (0: the start model)
+    merged_through = 0  # the stages whose adapters are folded into the base weights
     for number, (stage, config, rows) in enumerate(zip(plan.stages, configs, encoded), start=1):
         if number < len(state["evaluations"]):
             continue  # trained and scored by an earlier call
@@ -386,15 +399,16 @@ def run_continual(
         rows = rows + anchors
         folder = Path(config.output_dir)
         resume = find_intact_checkpoint(folder, warn=stderr_notice)
-        if resume is None and number > 1:
-            # Start where the previous stage ended (its last checkpoint is its final step).
-            previous = find_intact_checkpoint(Path(configs[number - 2].output_dir), warn=stderr_notice)
-            if previous is None:
-                raise FileNotFoundError(
-                    f"stage {number - 1} ({plan.stages[number - 2].name}) has no checkpoint in "
-                    f"{configs[number - 2].output_dir} to continue from"
-                )
-            load_model_state(previous, model=model)
+        if plan.merge_between_stages:
+            # Fold every earlier stage's adapter into the base, in order: from memory where that
+            # stage just trained, else from its last checkpoint (a resumed run); same values, same ops.
+            for earlier in range(merged_through + 1, number):
+                if in_memory != earlier:
+                    load_model_state(stage_end(earlier), model=model)
+                model.merge_adapter_into_base()
+            merged_through, in_memory = number - 1, None
+        elif resume is None and number > 1 and in_memory != number - 1:
+            load_model_state(stage_end(number - 1), model=model)  # start where the last stage ended
         log(
             f"{method}: stage {number}/{len(plan.stages)} ({stage.name}): {len(rows) - len(anchors)} rows"
             + (f" + {len(anchors)} anchors" if anchors else "")
@@ -405,6 +419,7 @@ def run_continual(
         result = train(
             model, tokenizer, rows, config, resume_from=resume, overwrite_output_dir=resume is None
         )
+        in_memory = number
         evaluation = evaluate(model, number)
         # train_s: this call's training time (a resumed stage counts the part after the resume).
         evaluation["train"] = {

@@ -9,6 +9,7 @@ Plan file, YAML or JSON (paths relative to the file)::
     sft: {lr: 3.0e-4}
     eval: {max_new_tokens: 24, batch_size: 32, probes: [probes.jsonl]}
     anchors: {path: questions.jsonl, fraction: 0.25, max_new_tokens: 48}   # optional
+    merge_between_stages: false                                             # optional
     stages:
       - name: facts-a
         train: facts_a/train.jsonl    # prompt + demonstration rows, as for `sdft-fast train`
@@ -27,6 +28,10 @@ Settings, lowest precedence first: TrainConfig's defaults, the plan's ``settings
 block, the stage's ``settings``, the stage's method block, then the overrides (the command line's
 flags). Stage ``i`` (1-based) trains with ``seed + i - 1``. The model is built once, so the fields in
 ``RUN_FIELDS`` (adapter shape, teacher mode, dtype, device) cannot change between stages.
+
+``merge_between_stages: true`` folds each stage's LoRA adapter into the base weights before the next
+stage, so every stage trains a fresh adapter and its frozen ``base`` teacher is the model the stage
+starts from (it knows the earlier stages' tasks) rather than the original start model.
 
 ``anchors`` (optional) mixes general prompts into every stage's training rows, trained toward the
 start model (:class:`Anchors`); a stage's ``anchor_fraction`` overrides the plan's fraction.
@@ -54,7 +59,16 @@ from sdft_fast.data import (
 )
 from sdft_fast.eval import RETENTION_PROBES_PATH, reply_pattern, retention_probes
 
-PLAN_KEYS = ("name", "teacher_template", "settings", *METHODS, "eval", "anchors", "stages")
+PLAN_KEYS = (
+    "name",
+    "teacher_template",
+    "settings",
+    *METHODS,
+    "eval",
+    "anchors",
+    "merge_between_stages",
+    "stages",
+)
 STAGE_KEYS = ("name", "train", "eval", "score", "teacher_template", "anchor_fraction", "settings", *METHODS)
 EVAL_KEYS = ("max_new_tokens", "batch_size", "probes")
 ANCHOR_KEYS = ("path", "fraction", "max_new_tokens")
@@ -136,6 +150,9 @@ class Plan:
     eval_batch_size: int = 32
     probes: list[ProbeSet] = field(default_factory=list)
     anchors: Anchors | None = None
+    # Fold each stage's adapter into the base weights before the next stage: a fresh adapter per stage,
+    # and the frozen 'base' teacher of a stage is the model that stage starts from.
+    merge_between_stages: bool = False
 
     def anchor_count(self, stage: Stage) -> int:
         """How many anchor rows join ``stage``'s training rows."""
@@ -252,6 +269,12 @@ def probe_sets(value: Any, base_dir: str | os.PathLike, source: str) -> list[Pro
             raise PlanError(source, str(error), key=key) from error
         sets.append(ProbeSet(name, rows, str(path)))
     return sets
+
+
+def _flag(value: Any, source: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise PlanError(source, f"must be true or false, got {value!r}", key=key)
+    return value
 
 
 def _fraction(value: Any, source: str, key: str, **where) -> float:
@@ -374,6 +397,7 @@ def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Pl
         eval_batch_size=eval_block.get("batch_size", 32),
         probes=probe_sets(eval_block.get("probes"), base_dir, source),
         anchors=_anchors(top.get("anchors"), base_dir, source),
+        merge_between_stages=_flag(top.get("merge_between_stages", False), source, "merge_between_stages"),
     )
 
 
@@ -407,4 +431,10 @@ def stage_configs(
             configs.append(TrainConfig(**values))
         except (TypeError, ValueError) as error:
             raise PlanError(plan.source, str(error), stage=number, name=stage.name) from error
+        if plan.merge_between_stages and configs[-1].lora_rank == 0:
+            raise PlanError(
+                plan.source,
+                "full fine-tuning (lora_rank 0) has no adapter to merge between stages",
+                key="merge_between_stages",
+            )
     return configs

@@ -73,11 +73,11 @@ def settings_lines(plan: Plan, methods: list[str]) -> list[str]:
                     f"skip {config.skip_tokens}"
                 )
             parts.append(detail)
-        first = configs[0]
+        if plan.merge_between_stages:
+            parts.append("each stage's adapter merged into the weights before the next")
+        seeds = ", ".join(str(c.seed) for c in configs)
         lines.append(
-            f"- {method.upper()} (LoRA r{first.lora_rank}, seed {first.seed} + stage): "
-            + "; ".join(parts)
-            + "."
+            f"- {method.upper()} (LoRA r{configs[0].lora_rank}, seeds {seeds}): " + "; ".join(parts) + "."
         )
     return lines
 

@@ -229,6 +229,19 @@ class LoraLinear(nn.Module):
         self.ema_A.lerp_(self.lora_A.detach(), rate)
         self.ema_B.lerp_(self.lora_B.detach(), rate)
 
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        """Fold the student delta into the frozen base weight and restart the adapter at zero (B = 0,
+        A kept): the layer computes the same function, and the base route now means the merged
+        weight. An EMA teacher slot restarts at the student (its old delta is not representable on
+        the new base at rank r)."""
+        delta = self.delta_weight(ROUTE_STUDENT).to(self.base.weight.dtype)  # [out, in]
+        self.base.weight.add_(delta.t() if self.fan_in_fan_out else delta)
+        self.lora_B.zero_()
+        if self.ema_A is not None:
+            self.ema_A.copy_(self.lora_A)
+            self.ema_B.zero_()
+
     # -- math -----------------------------------------------------------------------
     @property
     def base_weight(self) -> torch.Tensor:  # [out, in]

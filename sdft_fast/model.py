@@ -416,6 +416,17 @@ class SelfDistillModel(nn.Module):
             for name, p in self.hf_model.named_parameters():
                 self._teacher_params[name].lerp_(p.detach(), rate)
 
+    @torch.no_grad()
+    def merge_adapter_into_base(self) -> None:
+        """Fold the student adapter into the base weights and restart it at zero (LoRA only;
+        ``LoraLinear.merge_into_base``): the student computes the same function, and the 'base'
+        teacher becomes this model — what a continual run does between stages so that each stage's
+        frozen teacher is the model that stage starts from."""
+        if self.lora_config is None:
+            raise ValueError("merge_adapter_into_base: full fine-tuning has no adapter to merge")
+        for layer in self.lora_layers.values():
+            layer.merge_into_base()
+
     def teacher_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA teacher's own tensors (empty for 'base'/'live' teachers: nothing to save)."""
         if self.teacher_mode != "ema":

@@ -86,7 +86,8 @@ def plan_path(tmp_path_factory):
 
 
 def weights(model):
-    state = {f"student.{k}": v.detach().clone() for k, v in model.trainable_state_dict().items()}
+    """Every weight: the network's (base weights and LoRA factors) and the EMA teacher's."""
+    state = {f"model.{k}": v.detach().clone() for k, v in model.hf_model.state_dict().items()}
     state.update({f"teacher.{k}": v.detach().clone() for k, v in (model.teacher_state_dict() or {}).items()})
     return state
 
@@ -169,13 +170,26 @@ def test_matrix_from_a_fake_scorer(plan_path, tiny_model_dir, tokenizer, tmp_pat
     assert sft["identity"]["stages"][0]["config"]["method"] == "sft"
 
 
+def merged_plan(plan_path):
+    plan = json.loads(plan_path.read_text())
+    plan["merge_between_stages"] = True
+    path = plan_path.parent / "merged.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter-continues", "merged-between-stages"])
 @pytest.mark.parametrize("crash_at_call", [5, 4], ids=["inside-stage-2", "at-the-stage-boundary"])
 def test_resume_after_a_crash_equals_an_uninterrupted_run(
-    plan_path, tiny_model_dir, tokenizer, tmp_path, monkeypatch, crash_at_call
+    plan_path, tiny_model_dir, tokenizer, tmp_path, monkeypatch, crash_at_call, merge
 ):
     """Stages of 3 steps, a checkpoint after every step. The crash hits train_step call 5 (stage 2,
-    step 2: its step-1 checkpoint exists) or call 4 (stage 2's first step: only stage 1's end exists)."""
-    straight = run(plan_path, tiny_model_dir, tokenizer, tmp_path / "straight", [])
+    step 2: its step-1 checkpoint exists) or call 4 (stage 2's first step: only stage 1's end exists).
+    With merging, the rerun rebuilds the merged base weights from stage 1's checkpoint."""
+    if merge:
+        plan_path = merged_plan(plan_path)
+    straight_scorers = []
+    straight = run(plan_path, tiny_model_dir, tokenizer, tmp_path / "straight", straight_scorers)
 
     real_step = trainer_module.Trainer.train_step
     calls = {"n": 0}
@@ -210,20 +224,46 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
         return {row["step"]: row["loss"] for row in rows if not row.get("eval")}
 
     assert losses(tmp_path / "crashed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5, abs=1e-7)
-    straight_model = build_and_load(tiny_model_dir, tmp_path / "straight")
-    resumed_model = build_and_load(tiny_model_dir, tmp_path / "crashed")
-    for key, value in weights(straight_model).items():
-        torch.testing.assert_close(weights(resumed_model)[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    (_, straight_final), (_, resumed_final) = straight_scorers[0].calls[-1], scorers[0].calls[-1]
+    assert straight_final.keys() == resumed_final.keys()
+    for key, value in straight_final.items():
+        torch.testing.assert_close(resumed_final[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
-def build_and_load(model_dir, run_dir):
-    from sdft_fast.checkpoint import latest_checkpoint, load_model_state
-    from sdft_fast.config import TrainConfig
-    from sdft_fast.trainer import build_model
+def test_merging_between_stages_makes_each_stage_start_from_a_fresh_adapter(
+    plan_path, tiny_model_dir, tokenizer, tmp_path, monkeypatch
+):
+    """Before stage 2 the stage-1 adapter is folded into the base weights: the model after stage 1 and
+    the model stage 2 starts from compute the same function (the fake scorer saw the former), the
+    base weights now differ from the start model's, and stage 2's adapter starts from B = 0."""
+    from sdft_fast import run as run_module
 
-    model = build_model(model_dir, TrainConfig(lora_rank=4, device="cpu", progress=False))
-    load_model_state(latest_checkpoint(run_dir / "stage-2-skill"), model=model)
-    return model
+    starts = []
+    real_train = run_module.train
+
+    def recording_train(model, tok, rows, config, **kwargs):
+        starts.append(weights(model))
+        return real_train(model, tok, rows, config, **kwargs)
+
+    scorers = []
+    monkeypatch.setattr(run_module, "train", recording_train)
+    run(merged_plan(plan_path), tiny_model_dir, tokenizer, tmp_path / "merged", scorers)
+    after_stage_1 = scorers[0].calls[1][1]
+    stage_2_start = starts[1]
+    for key, value in stage_2_start.items():
+        if key.endswith("lora_B"):
+            assert not value.any(), key
+    base_keys = [k for k in stage_2_start if k.endswith("base.weight")]
+    assert base_keys and any(not torch.equal(stage_2_start[k], starts[0][k]) for k in base_keys)
+    # Same function: the merged base equals the old base plus the stage-1 delta, layer by layer.
+    for key in base_keys:
+        prefix = key[: -len("base.weight")]
+        a, b = after_stage_1[prefix + "lora_A"], after_stage_1[prefix + "lora_B"]
+        scaling = 8 / 4  # lora_alpha (2 x rank) / rank
+        # float32 sums of O(0.1) values: rounding ~1e-8, far below the 1e-6 allowed.
+        torch.testing.assert_close(
+            stage_2_start[key], after_stage_1[key] + scaling * b @ a, rtol=1e-6, atol=1e-6
+        )
 
 
 def test_a_folder_of_another_plan_is_refused(plan_path, tiny_model_dir, tokenizer, tmp_path):

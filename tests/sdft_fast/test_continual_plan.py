@@ -185,3 +185,12 @@ def test_bad_anchors_name_the_field(files, anchors, stage, message):
     changes = {} if anchors is None else {"anchors": anchors}
     with pytest.raises(PlanError, match=message):
         load_plan(write_plan(files, bad(stage, **changes)))
+
+
+def test_merging_between_stages_is_a_flag_and_needs_an_adapter(files):
+    plan = load_plan(write_plan(files, bad(merge_between_stages=True)))
+    assert plan.merge_between_stages and not load_plan(write_plan(files, GOOD)).merge_between_stages
+    with pytest.raises(PlanError, match=r"plan.yaml, field 'merge_between_stages': must be true or false"):
+        load_plan(write_plan(files, bad(merge_between_stages="yes")))
+    with pytest.raises(PlanError, match=r"field 'merge_between_stages': full fine-tuning \(lora_rank 0\)"):
+        stage_configs(plan, "sdft", files / "run", {"lora_rank": 0})

@@ -194,6 +194,27 @@ def test_ema_update_moves_teacher_toward_student():
         SelfDistillModel(_llama(), lora=LoraConfig(r=2), teacher="base").ema_update(0.1)
 
 
+@pytest.mark.parametrize("teacher", ["base", "ema"])
+def test_merging_the_adapter_keeps_the_student_and_makes_it_the_base_teacher(teacher):
+    """After merge_adapter_into_base the student computes what it did, its adapter is zero, and the
+    base route (the 'base' teacher, or the restarted EMA slot) computes the same function."""
+    model = SelfDistillModel(_llama(), lora=LoraConfig(r=4, alpha=8), teacher=teacher)
+    _randomize_adapters(model)
+    batch = _mixed_batch(2)
+    before = model.forward_student(batch.teacher_prompts, batch.completions).student_hidden.detach()
+    model.merge_adapter_into_base()
+    assert all(not layer.lora_B.any() for layer in model.lora_layers.values())
+    after = model.forward_student(batch.teacher_prompts, batch.completions).student_hidden.detach()
+    # float32: the merged weight rounds W + s B A once; hidden states of O(1) agree to ~1e-6.
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.forward_pair(batch).teacher_hidden, before, rtol=1e-5, atol=1e-5)
+    with model.adapters_disabled():
+        base = model.forward_student(batch.teacher_prompts, batch.completions).student_hidden
+    torch.testing.assert_close(base, before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="full fine-tuning has no adapter"):
+        SelfDistillModel(_llama(), lora=None, teacher="base").merge_adapter_into_base()
+
+
 def test_full_finetuning_ema_teacher_packed_path():
     model = SelfDistillModel(_llama(), lora=None, teacher="ema")
     assert model.lora_layers == {} and len(model.trainable_parameters()) == len(
