@@ -90,14 +90,20 @@ class Evaluator:
                 evaluation["tasks"][name] = task_scores(stage, [r["correct"] for r in mine])
         if self.reference is not None:
             evaluation["drift"] = drift_from_reference(model, self.reference)
+        if 1 <= after_stage < len(self.plan.stages):
+            # The next task with its demonstration in context, by the model about to train on it: the
+            # quality of its teacher-prompt rollouts, and of its teacher where the base is merged.
+            upcoming = self.in_context(model, [self.plan.stages[after_stage]])
+            if upcoming:
+                evaluation["next_in_context"] = next(iter(upcoming.values()))
         return evaluation
 
-    def in_context(self, model) -> dict[str, list[int]]:
-        """The start model's accuracy with each row's demonstration in its prompt (the stage's teacher
-        template): what the teacher can do, the ceiling self-distillation trains toward. Only stages
-        whose scored rows all carry a demonstration."""
+    def in_context(self, model, stages: Sequence[Stage] | None = None) -> dict[str, list[int]]:
+        """The model's accuracy with each row's demonstration in its prompt (the stage's teacher
+        template): what its teacher view can do, the ceiling self-distillation trains toward. Only
+        stages whose scored rows all carry a demonstration; every stage by default."""
         out = {}
-        for stage in self.plan.stages:
+        for stage in self.plan.stages if stages is None else stages:
             rows = [stage.eval[i] for i in stage.score_rows()]
             if rows and all(row.demonstration for row in rows):
                 result = self._decode_and_score(

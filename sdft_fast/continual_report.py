@@ -28,7 +28,10 @@ DEFINITIONS = (
     "mean over j < T of R[T][j] - R[j][j]: how much training the later stages changed each task after its "
     "own stage; negative is forgetting. **FWT** (forward transfer) = mean over j >= 2 of R[j-1][j] - b_j: "
     "what the earlier stages gave a task before its own stage. As in Lopez-Paz & Ranzato 2017 (GEM), with "
-    "the start model's accuracy as b_j."
+    "the start model's accuracy as b_j. *Demonstration in context*: the task's scored rows answered with "
+    "their demonstration in the prompt (the stage's teacher template) — by the start model, and for the "
+    "next task by the model about to train on it: the ceiling its teacher view offers, and the quality of "
+    "rollouts sampled under the teacher prompt."
 )
 
 
@@ -100,6 +103,9 @@ def method_tables(state: dict[str, Any]) -> list[str]:
         kind = _score_kind(state, task)
         head.append(f"task {number}: {task}" + (f" ({kind})" if kind else ""))
     head += [f"probes: {name}" for name in probes] + ["KL from start", "NLL increase"]
+    next_in_context = any("next_in_context" in ev for ev in state["evaluations"])
+    if next_in_context:
+        head.append("next task, demonstration in context")
     rows = [head]
     start = state["evaluations"][0] if state["evaluations"] else {}
     for label, ev in zip(_stage_labels(state), state["evaluations"]):
@@ -116,12 +122,14 @@ def method_tables(state: dict[str, Any]) -> list[str]:
             f"{drift['kl']:.4f}" if "kl" in drift else "-",
             f"{drift['dnll']:+.4f}" if "dnll" in drift else "-",
         ]
+        if next_in_context:
+            row.append(_cell(ev.get("next_in_context")))
         rows.append(row)
     in_context = start.get("in_context") or {}
     if in_context:
         row = ["start, demonstration in context"]
         row += [_cell(in_context.get(task)) for task in tasks]
-        row += ["" for _ in probes] + ["", ""]
+        row += ["" for _ in probes] + ["", ""] + ([""] if next_in_context else [])
         rows.append(row)
     lines = _markdown_table(rows)
     # Every row kind of every task, where a task has more than the one the matrix shows.

@@ -50,8 +50,18 @@ def plan_path(tmp_path_factory):
     write_jsonl(
         folder / "b_eval.jsonl",
         [
-            {"prompt": "Capital of Spain? JSON.", "pattern": '^\\{"answer"', "kind": "format"},
-            {"prompt": "Capital of Italy? JSON.", "pattern": '^\\{"answer"', "kind": "format"},
+            {
+                "prompt": "Capital of Spain? JSON.",
+                "pattern": '^\\{"answer"',
+                "kind": "format",
+                "demonstration": "x",
+            },
+            {
+                "prompt": "Capital of Italy? JSON.",
+                "pattern": '^\\{"answer"',
+                "kind": "format",
+                "demonstration": "x",
+            },
             {
                 "prompt": "Capital of Italy? JSON.",
                 "pattern": '^\\{"answer"',
@@ -291,14 +301,19 @@ def test_the_real_scorer_and_the_command_line(plan_path, tiny_model_dir, tmp_pat
     start = state["evaluations"][0]
     assert start["drift"] == pytest.approx({"kl": 0.0, "dnll": 0.0}, abs=1e-5)  # the start model itself
     assert state["evaluations"][2]["drift"]["kl"] > 0
-    # In-context accuracy needs demonstrations: the facts rows (training rows) have them, the skill's
-    # evaluation rows do not.
-    assert set(start["in_context"]) == {"facts"} and start["in_context"]["facts"][1] == 3
+    # In-context accuracy of every task at the start (rows with demonstrations), and of the next task
+    # by the model about to train on it.
+    assert start["in_context"]["facts"][1] == 3 and start["in_context"]["skill"][1] == 2
+    assert (
+        state["evaluations"][1]["next_in_context"][1] == 2
+        and "next_in_context" not in state["evaluations"][2]
+    )
     assert start["probes"]["probes"][1] == 1 and start["tasks"]["skill"]["score"][1] == 2
     answers = json.loads((out / "sdft" / "answers" / "after-2-skill.json").read_text())
     assert len(answers["facts"]) == 3 and len(answers["probes:probes"]) == 1
     markdown = (out / "continual.md").read_text()
     assert "## SDFT" in markdown and "## SFT" in markdown and (out / "continual.png").is_file()
+    assert "next task, demonstration in context" in markdown
     assert main(common + ["--method", "sdft", "--lr", "-1"]) == 2  # a bad flag: one line, exit 2
 
 
