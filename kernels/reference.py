@@ -1,7 +1,9 @@
 """Reference self-distillation loss: full logits, written for clarity.
 
 This is the oracle every fast path is tested against (run it in float64) and
-the "naive formula" of the benchmarks. It materialises two [N, V] logit
+the "naive formula" of the benchmarks: the full-vocabulary divergence and the
+top-k support (TRL's ``topk_logits`` mode), with the teacher sharing the
+student's LM head or bringing its own. It materialises two [N, V] logit
 tensors plus their log-softmaxes: memory traffic ~ 4 * N * V * sizeof(dtype)
 for the forward alone, which is exactly what the fused paths avoid.
 
@@ -19,14 +21,13 @@ import math
 import torch
 
 
-def divergence_from_logits(
-    student_logits: torch.Tensor,  # [N, V], already divided by the temperature
-    teacher_logits: torch.Tensor,  # [N, V], already divided by the temperature
+def divergence_from_log_probs(
+    log_p_s: torch.Tensor,  # [N, S] student log-probabilities over a support of S outcomes
+    log_p_t: torch.Tensor,  # [N, S] teacher log-probabilities over the same support
     alpha: float,
 ) -> torch.Tensor:  # [N]
-    """Per-token divergence from full logits (the formula of TRL's full-logit path)."""
-    log_p_s = torch.log_softmax(student_logits, dim=-1)
-    log_p_t = torch.log_softmax(teacher_logits, dim=-1)
+    """Per-token divergence between two distributions given as log-probabilities on one support
+    (the whole vocabulary, or the top-k ids plus an optional tail bucket)."""
     if alpha == 0.0:
         return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     if alpha == 1.0:
@@ -38,15 +39,51 @@ def divergence_from_logits(
     return alpha * kl_t_m + (1.0 - alpha) * kl_s_m
 
 
+def divergence_from_logits(
+    student_logits: torch.Tensor,  # [N, V], already divided by the temperature
+    teacher_logits: torch.Tensor,  # [N, V], already divided by the temperature
+    alpha: float,
+) -> torch.Tensor:  # [N]
+    """Per-token divergence from full logits (the formula of TRL's full-logit path)."""
+    log_p_s = torch.log_softmax(student_logits, dim=-1)
+    log_p_t = torch.log_softmax(teacher_logits, dim=-1)
+    return divergence_from_log_probs(log_p_s, log_p_t, alpha)
+
+
+def reference_logits(
+    student_hidden: torch.Tensor,  # [N, D]
+    teacher_hidden: torch.Tensor,  # [N, D_t] (treated as a constant)
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None,  # [V]
+    teacher_weight: torch.Tensor | None,  # [V, D_t]; None: the teacher shares (weight, bias)
+    teacher_bias: torch.Tensor | None,  # [V]
+    temperature: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # z_s [N, V] (differentiable), z_t [N, V] (constant)
+    """Full student and teacher logits divided by the temperature, in ``dtype``."""
+    if teacher_weight is None:
+        teacher_weight, teacher_bias = weight, bias
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    with torch.no_grad():
+        w_t = teacher_weight.detach().to(dtype)
+        b_t = None if teacher_bias is None else teacher_bias.detach().to(dtype)
+        z_t = torch.nn.functional.linear(teacher_hidden.detach().to(dtype), w_t, b_t)
+    z_s = torch.nn.functional.linear(student_hidden.to(dtype), w, b)
+    return z_s / temperature, z_t / temperature
+
+
 def reference_token_losses(
     student_hidden: torch.Tensor,  # [N, D]
-    teacher_hidden: torch.Tensor,  # [N, D] (treated as a constant)
+    teacher_hidden: torch.Tensor,  # [N, D_t] (treated as a constant)
     weight: torch.Tensor,  # [V, D]
     bias: torch.Tensor | None = None,  # [V]
     *,
     alpha: float = 0.0,
     temperature: float = 1.0,
     compute_dtype: torch.dtype | None = None,
+    teacher_weight: torch.Tensor | None = None,  # [V, D_t]: the teacher's own head
+    teacher_bias: torch.Tensor | None = None,  # [V]
 ) -> torch.Tensor:  # [N]
     """Per-token divergence computed from full logits.
 
@@ -55,11 +92,38 @@ def reference_token_losses(
     The teacher side is detached: no gradient ever flows into it.
     """
     dtype = compute_dtype or student_hidden.dtype
-    h_s = student_hidden.to(dtype)
-    h_t = teacher_hidden.detach().to(dtype)
-    w = weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
-    with torch.no_grad():
-        z_t = torch.nn.functional.linear(h_t, w.detach(), None if b is None else b.detach())
-    z_s = torch.nn.functional.linear(h_s, w, b)
-    return divergence_from_logits(z_s / temperature, z_t / temperature, alpha)
+    z_s, z_t = reference_logits(
+        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, temperature, dtype
+    )
+    return divergence_from_logits(z_s, z_t, alpha)
+
+
+def reference_topk_support(
+    student_hidden: torch.Tensor,  # [N, D]
+    teacher_hidden: torch.Tensor,  # [N, D_t] (treated as a constant)
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None = None,  # [V]
+    *,
+    k: int,
+    support: str = "student",
+    temperature: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+):  # (ids [N, k], z_s at ids [N, k], lse_s [N], z_t at ids [N, k], lse_t [N])
+    """The top-k support from full logits: the k ids of largest ``support``-side logit, ties to the
+    lower id (a stable sort; see ``sdft_kernels.topk_support``), both sides' logits there and their
+    log-sum-exps. Differentiable on the student side."""
+    dtype = compute_dtype or student_hidden.dtype
+    z_s, z_t = reference_logits(
+        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, temperature, dtype
+    )
+    ranked = (z_s if support == "student" else z_t).detach() + 0.0  # + 0.0: -0.0 ranks as +0.0
+    ids = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, :k]
+    return (
+        ids,
+        z_s.gather(1, ids),
+        torch.logsumexp(z_s, dim=-1),
+        z_t.gather(1, ids),
+        torch.logsumexp(z_t, dim=-1),
+    )
