@@ -29,6 +29,7 @@ import torch
 from sdft_kernels.topk_support import ids_from_keys, sortable_keys
 from sdft_kernels.torch_tiles import (
     DEFAULT_MEMORY_BUDGET_MB,
+    TILE_BUDGET_MB,
     compute_dtype,
     logit_tile,
     online_softmax_update,
@@ -65,6 +66,7 @@ def topk_statistics(
     support_teacher: bool,
     need_lse: bool,
     want_expected: bool,
+    student_grad: bool,
     memory_budget_mb: float,
 ):  # (ids [N, k] long, lse_s [N] | None, lse_t [N] | None, E_{p_s}[W] [N, D] | None)
     """The support ids (sorted by descending logit) and, if asked, both log-sum-exps and the
@@ -115,23 +117,29 @@ def topk_statistics(
     return ids, lse_s, lse_t, expected
 
 
-def expected_head_rows(hidden, weight, bias, inv_tau, memory_budget_mb):  # [N, D] compute dtype
-    """E_{p}[W] = sum_v softmax(z)_v W_v per row (d lse / dh times tau), in one online sweep; for
-    a ``select`` that finds the ids elsewhere (the Triton kernel)."""
+def student_lse_sweep(hidden, weight, bias, inv_tau, want_expected, memory_budget_mb):
+    """(lse [N], E_p[W] [N, D] | None) of z = (W h + b) / tau in one online sweep, where
+    E_p[W] = sum_v softmax(z)_v W_v is d lse / dh times tau. For a ``select`` that finds the ids
+    elsewhere (the Triton kernel): the backward recomputes p_s = exp(z - lse) with these tiles, so
+    lse must come from the same arithmetic."""
     dtype = compute_dtype(hidden.dtype)
     rows, vocab_tile = tile_sizes(hidden.shape[0], weight.shape[0], memory_budget_mb)
-    out = hidden.new_empty(hidden.shape, dtype=dtype)
+    lse = hidden.new_empty(hidden.shape[0], dtype=dtype)
+    out = hidden.new_empty(hidden.shape, dtype=dtype) if want_expected else None
     for r0, r1 in spans(hidden.shape[0], rows):
         h = hidden[r0:r1].to(dtype)
         m = torch.full((r1 - r0,), -math.inf, dtype=dtype, device=hidden.device)
         total = torch.zeros_like(m)
-        acc = h.new_zeros(h.shape)
+        acc = h.new_zeros(h.shape) if want_expected else None
         for v0, v1 in spans(weight.shape[0], vocab_tile):
             z, w_tile = logit_tile(h, weight, bias, v0, v1, inv_tau)
             m, scale, e, total = online_softmax_update(m, total, z)
-            acc.mul_(scale[:, None]).addmm_(e, w_tile)
-        out[r0:r1] = acc / total[:, None]
-    return out
+            if acc is not None:
+                acc.mul_(scale[:, None]).addmm_(e, w_tile)
+        lse[r0:r1] = m + torch.log(total)
+        if acc is not None:
+            out[r0:r1] = acc / total[:, None]
+    return lse, out
 
 
 def _gather_rows(num_tokens: int, k: int, width: int, memory_budget_mb: float) -> int:
@@ -209,6 +217,7 @@ class TopkSupport(torch.autograd.Function):
             support_teacher=support_teacher,
             need_lse=tail,
             want_expected=want_expected,
+            student_grad=need_dh or need_dw,
             memory_budget_mb=memory_budget_mb,
         )
         student_k = gather_logits(student_hidden, weight, bias, ids, inv_tau, memory_budget_mb)
@@ -269,7 +278,7 @@ def torch_topk_support(
     temperature: float = 1.0,
     teacher_weight: torch.Tensor | None = None,  # [V, D_t]; None: the teacher shares the head
     teacher_bias: torch.Tensor | None = None,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,  # None: torch_tiles.TILE_BUDGET_MB
     select: Callable = topk_statistics,
 ):  # (ids [N, k], z_s at ids [N, k], lse_s [N], z_t at ids [N, k], lse_t [N]); lse empty without tail
     """The top-k support without [N, V] logits; differentiable w.r.t. h_s, W, bias.
@@ -278,6 +287,8 @@ def torch_topk_support(
     """
     if teacher_weight is None:
         teacher_weight, teacher_bias = weight, bias
+    if memory_budget_mb is None:
+        memory_budget_mb = TILE_BUDGET_MB
     return TopkSupport.apply(
         student_hidden,
         weight,

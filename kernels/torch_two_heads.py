@@ -29,6 +29,7 @@ import math
 import torch
 from sdft_kernels.torch_tiles import (
     DEFAULT_MEMORY_BUDGET_MB,
+    TILE_BUDGET_MB,
     compute_dtype,
     logit_tile,
     online_softmax_update,
@@ -211,9 +212,11 @@ def torch_two_head_token_losses(
     *,
     alpha: float = 0.0,
     temperature: float = 1.0,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,  # None: torch_tiles.TILE_BUDGET_MB
 ) -> torch.Tensor:  # [N] fp32 (fp64 for fp64 inputs)
     """Per-token divergences without [N, V] logits; differentiable w.r.t. h_s, W, bias."""
+    if memory_budget_mb is None:
+        memory_budget_mb = TILE_BUDGET_MB
     teacher_hidden = teacher_hidden.detach()
     teacher_weight = teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()

@@ -13,8 +13,11 @@ Memory: O(N k) outputs, no [N, V] tensor.
 
 The logits at the chosen ids, the gradient and the tail's E_{p_s}[W] come from the PyTorch side
 (``torch_topk``: gather-dots of k head rows per token and one chunked sweep), which this
-module plugs its selection into. Tested on the CPU under TRITON_INTERPRET=1; its speed on a GPU
-has not been measured yet.
+module plugs its selection into. When a gradient flows through the tail bucket, lse_s is taken
+from that torch sweep instead of the kernel: the backward recomputes p_s = exp(z_s - lse_s) with
+torch's tiles, and the tail's dLoss/dlse_s ~ P_topk / (1 - P_topk) would amplify even a 1-ulp
+mismatch between the two. Tested on the CPU under TRITON_INTERPRET=1; its speed on a GPU has not
+been measured yet.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from sdft_kernels.torch_tiles import DEFAULT_MEMORY_BUDGET_MB
-from sdft_kernels.torch_topk import expected_head_rows, torch_topk_support
+from sdft_kernels.torch_topk import student_lse_sweep, torch_topk_support
 from sdft_kernels.triton_configs import dot_options
 
 BLOCK_N = 16
@@ -248,6 +251,7 @@ def triton_topk_statistics(
     support_teacher: bool,
     need_lse: bool,
     want_expected: bool,
+    student_grad: bool,
     memory_budget_mb: float,
 ):  # same outputs as torch_topk.topk_statistics
     """The support ids (and log-sum-exps) by the Triton kernel; launcher of ``_topk_support_kernel``."""
@@ -295,10 +299,14 @@ def triton_topk_statistics(
         BLOCK_D=BLOCK_D,
         **dot_options(student_hidden.dtype, device),
     )
+    if not need_lse:
+        return ids, None, None, None
     expected = None
-    if want_expected:
-        expected = expected_head_rows(student_hidden, weight, bias, inv_tau, memory_budget_mb)
-    return ids, (lse_s if need_lse else None), (lse_t if need_lse else None), expected
+    if student_grad:  # the backward's p_s = exp(z - lse_s) needs lse_s from torch's arithmetic
+        lse_s, expected = student_lse_sweep(
+            student_hidden, weight, bias, inv_tau, want_expected, memory_budget_mb
+        )
+    return ids, lse_s, lse_t, expected
 
 
 def triton_topk_support(
@@ -313,7 +321,7 @@ def triton_topk_support(
     temperature: float = 1.0,
     teacher_weight: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
 ):
     """``torch_topk.torch_topk_support`` with the ids found by the Triton kernel."""
     if not math.isfinite(temperature) or temperature <= 0:

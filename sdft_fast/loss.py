@@ -20,7 +20,11 @@ losses; ``reduce_token_losses`` applies the same reductions to losses computed o
 ``reduction="none"`` (e.g. a weighted loss and an unweighted metric from one sweep).
 
 The teacher hidden states are a constant: a teacher tensor that requires grad is accepted and
-simply never receives a gradient (it is detached).
+simply never receives a gradient (it is detached). A teacher that is another model (or a separate
+copy of the student) passes its own head as ``teacher_weight`` / ``teacher_bias`` (its hidden size
+may differ). ``topk=k`` gives TRL's ``topk_logits`` objective (the divergence over the k ids of
+largest student logit, renormalised or with ``topk_tail``), computed while streaming the
+vocabulary like the full one.
 """
 
 from __future__ import annotations
@@ -30,110 +34,31 @@ import os
 from typing import NamedTuple
 
 import torch
-from sdft_kernels.reference import reference_token_losses
+from sdft_kernels.reference import reference_token_losses, reference_topk_support
+from sdft_kernels.topk_support import topk_divergence
 from sdft_kernels.torch_linear_ce import torch_linear_cross_entropy
 from sdft_kernels.torch_sdft import torch_token_losses
 from sdft_kernels.torch_tiles import DEFAULT_MEMORY_BUDGET_MB
+from sdft_kernels.torch_topk import torch_topk_support
+from sdft_kernels.torch_two_heads import torch_two_head_token_losses
 from sdft_kernels.torch_vocab_parallel import vocab_parallel_token_losses
+
+from sdft_fast.loss_checks import (
+    check_hidden_and_head,
+    check_teacher_head,
+    check_token_tensor,
+    check_topk,
+    describe,
+)
 
 try:  # Triton ships for Linux only: without it, impl="auto" takes the torch twin
     from sdft_kernels.triton_sdft import triton_token_losses
+    from sdft_kernels.triton_topk import triton_topk_support
 except ImportError:
-    triton_token_losses = None
+    triton_token_losses = triton_topk_support = None
 
 REDUCTIONS = ("sequence_mean", "token_mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch", "reference")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
-def _check_hidden_and_head(student_hidden, teacher_hidden, weight, bias, *, check_finite=True):
-    if not isinstance(student_hidden, torch.Tensor) or student_hidden.dim() not in (2, 3):
-        raise ValueError(
-            "student_hidden must be a [B, T, D] or [N, D] tensor, got "
-            + (
-                _describe(student_hidden)
-                if isinstance(student_hidden, torch.Tensor)
-                else repr(type(student_hidden))
-            )
-        )
-    if teacher_hidden is not None and (
-        not isinstance(teacher_hidden, torch.Tensor) or teacher_hidden.shape != student_hidden.shape
-    ):
-        raise ValueError(
-            f"teacher_hidden must have the shape of student_hidden {tuple(student_hidden.shape)}, got "
-            + (
-                _describe(teacher_hidden)
-                if isinstance(teacher_hidden, torch.Tensor)
-                else repr(type(teacher_hidden))
-            )
-        )
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(
-            "lm_head_weight must be a [V, D] tensor, got "
-            + (_describe(weight) if isinstance(weight, torch.Tensor) else repr(type(weight)))
-        )
-    hidden_dim = student_hidden.shape[-1]
-    if weight.shape[1] != hidden_dim:
-        raise ValueError(
-            f"lm_head_weight {tuple(weight.shape)} is [V, D] with D={weight.shape[1]}, but the hidden "
-            f"states {tuple(student_hidden.shape)} have D={hidden_dim}"
-        )
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
-        raise ValueError(
-            f"lm_head_bias must be a [V]=[{weight.shape[0]}] tensor, got "
-            + (_describe(bias) if isinstance(bias, torch.Tensor) else repr(type(bias)))
-        )
-    named = [("student_hidden", student_hidden), ("lm_head_weight", weight)]
-    if teacher_hidden is not None:
-        named.insert(1, ("teacher_hidden", teacher_hidden))
-    if bias is not None:
-        named.append(("lm_head_bias", bias))
-    for name, t in named:
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {_describe(t)}")
-    for name, t in named[1:]:
-        if t.dtype != student_hidden.dtype:
-            raise ValueError(
-                f"{name} dtype {t.dtype} differs from student_hidden dtype {student_hidden.dtype}; "
-                "cast them to one dtype"
-            )
-        if t.device != student_hidden.device:
-            raise ValueError(f"{name} is on {t.device} but student_hidden is on {student_hidden.device}")
-    if check_finite:
-        # The LM head too: a NaN in W turns every logit of its row into NaN, and the loss with it.
-        for name, t in named:
-            if not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise ValueError(f"{name} ({_describe(t)}) contains {bad} NaN/inf values")
-
-
-def _check_token_tensor(name, t, lead_shape, device, *, kind):
-    if t is None:
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor of shape {tuple(lead_shape)}, got {type(t)!r}")
-    if tuple(t.shape) != tuple(lead_shape):
-        raise ValueError(
-            f"{name} has shape {tuple(t.shape)}, expected {tuple(lead_shape)} (one entry per token)"
-        )
-    if kind == "bool" and t.dtype != torch.bool:
-        raise ValueError(f"{name} must be a bool tensor, got dtype {t.dtype}")
-    if kind == "float" and not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if kind == "int" and (t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex()):
-        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the tokens are on {device}")
-    if kind == "float" and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN/inf values")
-    return t
 
 
 def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -155,6 +80,20 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return impl
 
 
+def _resolve_impl_for(impl, student_hidden, teacher_head, topk):
+    """``_resolve_impl``, where a teacher head of its own has no Triton kernel in the full mode
+    (nor in another dtype than the student's): "auto" takes the torch twin, "triton" is an error."""
+    missing = None
+    if teacher_head is not None and topk is None:
+        missing = "teacher_weight (a teacher head of its own) over the full vocabulary"
+    elif teacher_head is not None and teacher_head[0].dtype != student_hidden.dtype:
+        missing = "a teacher_weight dtype other than student_hidden's"
+    if missing and impl == "triton":
+        raise ValueError(f"impl='triton' has no kernel for {missing}; use impl='auto' or 'torch'")
+    resolved = _resolve_impl(impl, student_hidden.device, student_hidden.dtype)
+    return "torch" if missing and resolved == "triton" else resolved
+
+
 # --------------------------------------------------------------------------- reductions
 
 
@@ -170,9 +109,9 @@ class _Tokens(NamedTuple):
 
 def _token_layout(shape, device, loss_mask, token_weights, sequence_ids, reduction) -> _Tokens:
     """Validate the per-token arguments of a reduction against the tokens' ``shape``."""
-    loss_mask = _check_token_tensor("loss_mask", loss_mask, shape, device, kind="bool")
-    token_weights = _check_token_tensor("token_weights", token_weights, shape, device, kind="float")
-    sequence_ids = _check_token_tensor("sequence_ids", sequence_ids, shape, device, kind="int")
+    loss_mask = check_token_tensor("loss_mask", loss_mask, shape, device, kind="bool")
+    token_weights = check_token_tensor("token_weights", token_weights, shape, device, kind="float")
+    sequence_ids = check_token_tensor("sequence_ids", sequence_ids, shape, device, kind="int")
     if len(shape) == 2:  # [B, T]: each row is a sequence unless sequence_ids says otherwise
         batch, steps = shape
         if sequence_ids is None:
@@ -245,10 +184,10 @@ def reduce_token_losses(
     if not isinstance(per_token, torch.Tensor) or per_token.dim() not in (1, 2):
         raise ValueError(
             "per_token must be a [B, T] or [N] tensor, got "
-            + (_describe(per_token) if isinstance(per_token, torch.Tensor) else repr(type(per_token)))
+            + (describe(per_token) if isinstance(per_token, torch.Tensor) else repr(type(per_token)))
         )
     if not per_token.dtype.is_floating_point:
-        raise ValueError(f"per_token must be a floating-point tensor, got {_describe(per_token)}")
+        raise ValueError(f"per_token must be a floating-point tensor, got {describe(per_token)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     tokens = _token_layout(
@@ -285,6 +224,11 @@ def self_distill_loss(
     impl: str = "auto",
     memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
     process_group=None,  # torch.distributed group splitting the vocabulary (tensor parallel)
+    teacher_weight: torch.Tensor | None = None,  # [V, D_t]: the teacher's own head (constant)
+    teacher_bias: torch.Tensor | None = None,  # [V]
+    topk: int | None = None,  # k: TRL's topk_logits objective on k ids per token
+    topk_tail: bool = False,  # add the tail bucket (TRL's distillation_add_tail)
+    topk_support: str = "student",  # whose k largest logits pick the ids (TRL local: "student")
 ) -> torch.Tensor:
     """Self-distillation loss between the student's and the teacher's next-token distributions.
 
@@ -301,6 +245,12 @@ def self_distill_loss(
     number, then the mean over sequences; an all-masked sequence contributes 0 — TRL's),
     ``"token_mean"`` (weighted sum over the number of counted tokens), ``"sum"``, ``"none"``
     (per-token losses, shaped like the mask, 0 where masked).
+
+    ``teacher_weight`` / ``teacher_bias``: the teacher's own head, z_t = (W_t h_t + b_t) / tau
+    (``teacher_hidden`` then has the teacher's hidden size); default: the student's head.
+    ``topk=k``: TRL's ``topk_logits`` divergence, on the k ids of largest ``topk_support`` logit
+    (ties to the lower id): both sides renormalised over the k ids, or with ``topk_tail`` their
+    true log-probabilities there plus one bucket for the rest of the mass.
 
     Gradients flow to ``student_hidden``, and to the weight and bias only when they require grad;
     never to ``teacher_hidden``. The weight's gradient comes through the student's logits alone:
@@ -328,18 +278,33 @@ def self_distill_loss(
         raise ValueError(f"memory_budget_mb must be None (the default) or > 0, got {memory_budget_mb!r}")
     if teacher_hidden is None:
         raise ValueError("teacher_hidden is required (a tensor shaped like student_hidden)")
-    _check_hidden_and_head(student_hidden, teacher_hidden, lm_head_weight, lm_head_bias)
-    impl = _resolve_impl(impl, student_hidden.device, student_hidden.dtype)
+    teacher_head = check_teacher_head(lm_head_weight, lm_head_bias, teacher_weight, teacher_bias)
+    check_hidden_and_head(
+        student_hidden,
+        teacher_hidden,
+        lm_head_weight,
+        lm_head_bias,
+        teacher_dim=None if teacher_head is None else teacher_head[0].shape[1],
+        teacher_dtype=None if teacher_head is None else teacher_head[0].dtype,
+    )
+    check_topk(topk, topk_tail, topk_support, lm_head_weight.shape[0])
+    impl = _resolve_impl_for(impl, student_hidden, teacher_head, topk)
     if process_group is not None and impl not in ("auto", "torch"):
         raise ValueError(
             f"process_group (vocabulary-parallel loss) runs with impl='torch', got impl={impl!r}"
+        )
+    if process_group is not None and (teacher_head is not None or topk is not None):
+        raise ValueError(
+            "process_group (vocabulary-parallel loss) takes the shared-head full-vocabulary loss: "
+            "teacher_weight and topk are not supported with it"
         )
     lead_shape = student_hidden.shape[:-1]
     tokens = _token_layout(
         lead_shape, student_hidden.device, loss_mask, token_weights, sequence_ids, reduction
     )
     hidden_dim = student_hidden.shape[-1]
-    h_s, h_t = student_hidden.reshape(-1, hidden_dim), teacher_hidden.reshape(-1, hidden_dim)  # [N, D]
+    h_s = student_hidden.reshape(-1, hidden_dim)  # [N, D]
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # [N, D_t]
     out_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
 
     # Only counted tokens reach the kernel: masked tokens cost no FLOPs.
@@ -363,14 +328,40 @@ def self_distill_loss(
         )
         return _reduce(per_token.to(out_dtype), tokens, reduction)
 
-    grad_weights = None
-    head_trains = lm_head_weight.requires_grad or (lm_head_bias is not None and lm_head_bias.requires_grad)
-    if impl == "triton" and reduction != "none" and head_trains and torch.is_grad_enabled():
-        grad_weights = _reduction_weights(tokens, reduction, out_dtype)
-    per_token = _token_losses(
-        h_s, h_t, lm_head_weight, lm_head_bias, float(alpha), float(temperature), impl, memory_budget_mb,
-        grad_weights,
-    )  # fmt: skip
+    if topk is not None:
+        per_token = _topk_token_losses(
+            h_s,
+            h_t,
+            (lm_head_weight, lm_head_bias),
+            teacher_head,
+            float(alpha),
+            float(temperature),
+            (topk, topk_tail, topk_support),
+            impl,
+            memory_budget_mb,
+        )
+    elif teacher_head is not None:
+        per_token = _two_head_token_losses(
+            h_s,
+            h_t,
+            (lm_head_weight, lm_head_bias),
+            teacher_head,
+            float(alpha),
+            float(temperature),
+            impl,
+            memory_budget_mb,
+        )
+    else:
+        grad_weights = None
+        head_trains = lm_head_weight.requires_grad or (
+            lm_head_bias is not None and lm_head_bias.requires_grad
+        )
+        if impl == "triton" and reduction != "none" and head_trains and torch.is_grad_enabled():
+            grad_weights = _reduction_weights(tokens, reduction, out_dtype)
+        per_token = _token_losses(
+            h_s, h_t, lm_head_weight, lm_head_bias, float(alpha), float(temperature), impl, memory_budget_mb,
+            grad_weights,
+        )  # fmt: skip
     return _reduce(per_token.to(out_dtype), tokens, reduction)
 
 
@@ -405,6 +396,54 @@ def _token_losses(h_s, h_t, weight, bias, alpha, temperature, impl, memory_budge
     return reference_token_losses(
         h_s, h_t, weight, bias, alpha=alpha, temperature=temperature, compute_dtype=compute
     )
+
+
+def _two_head_token_losses(h_s, h_t, head, teacher_head, alpha, temperature, impl, memory_budget_mb):
+    """Per-token full-vocabulary divergences [M] when the teacher has its own head."""
+    if impl == "reference":
+        compute = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        return reference_token_losses(
+            h_s,
+            h_t,
+            *head,
+            alpha=alpha,
+            temperature=temperature,
+            compute_dtype=compute,
+            teacher_weight=teacher_head[0],
+            teacher_bias=teacher_head[1],
+        )
+    return torch_two_head_token_losses(
+        h_s,
+        h_t,
+        *head,
+        *teacher_head,
+        alpha=alpha,
+        temperature=temperature,
+        memory_budget_mb=memory_budget_mb,
+    )
+
+
+def _topk_token_losses(h_s, h_t, head, teacher_head, alpha, temperature, topk, impl, memory_budget_mb):
+    """Per-token top-k divergences [M]: the support (ids, logits there, log-sum-exps) by the
+    chosen implementation, then the [M, k] divergence shared by all of them."""
+    k, tail, support = topk
+    teacher_weight, teacher_bias = teacher_head or (None, None)
+    common = dict(
+        k=k,
+        support=support,
+        temperature=temperature,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+    )
+    if impl == "reference":
+        compute = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        out = reference_topk_support(h_s, h_t, *head, compute_dtype=compute, **common)
+    elif impl == "triton":
+        out = triton_topk_support(h_s, h_t, *head, tail=tail, memory_budget_mb=memory_budget_mb, **common)
+    else:
+        out = torch_topk_support(h_s, h_t, *head, tail=tail, memory_budget_mb=memory_budget_mb, **common)
+    _, student_k, lse_s, teacher_k, lse_t = out
+    return topk_divergence(student_k, lse_s, teacher_k, lse_t, alpha=alpha, tail=tail)
 
 
 class SelfDistillLoss(torch.nn.Module):
@@ -473,8 +512,8 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    _check_hidden_and_head(hidden, None, weight, bias)
-    targets = _check_token_tensor("targets", targets, hidden.shape[:-1], hidden.device, kind="int")
+    check_hidden_and_head(hidden, None, weight, bias)
+    targets = check_token_tensor("targets", targets, hidden.shape[:-1], hidden.device, kind="int")
     if targets is None:
         raise ValueError("targets is required")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
