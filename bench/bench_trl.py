@@ -1,29 +1,35 @@
-"""Seconds per SDFT training step: TRL's SDFTTrainer next to sdft_fast, same configuration.
+"""SDFT steps three ways, same configuration: TRL's SDFTTrainer, TRL + our loss (FusedSDFTTrainer),
+and sdft_fast's own engine. Seconds per step and peak memory, each side in a fresh process.
 
-Configuration (the issue's reference point): SmolLM2-135M-Instruct (the embedded
-default), batch 8 completions (8 prompts with one rollout each; `--num-generations G`: 8/G
-prompts with G rollouts each, where both trainers may share the prompt), completions of exactly 24 tokens
-(EOS ignored on both sides so the work is equal), LoRA r16 on all decoder
-linear layers, fp32, forward KL over the full vocabulary, EMA teacher at rate
-0.01, first 3 completion tokens masked. A step is everything an optimizer step
-costs: sampling, teacher and student scoring, loss, backward, AdamW, EMA.
+Cases (``--case``):
 
-Each side runs in its own subprocess (fresh allocator, same thread count);
-the first ``--warmup`` steps are not timed. Prints a table and appends a row
-to bench/results/trl.csv. Skips with a message when ``trl`` is missing
-(``pip install trl``; it is not a dependency of sdft_fast).
+* ``short`` (the default): SmolLM2-135M-Instruct (the embedded default), batch 8 completions,
+  24-token completions, LoRA r16 on every decoder linear layer, forward KL over the full
+  vocabulary, EMA teacher at rate 0.01, first 3 completion tokens masked.
+* ``long``: a random-weight model of Qwen2.5-0.5B's shape (D=896, 24 layers, V=151936, tied
+  head), 512-token completions (``--batch-size 2`` by default), the same LoRA / teacher settings:
+  here the [tokens, vocab] logits dominate TRL's memory. ``--mode topk_logits`` runs TRL's
+  default objective (k=100) instead of ``full_logits``; our engine has no top-k mode, so it
+  runs only for ``full_logits``.
 
-    python bench/bench_trl.py [--steps 4] [--warmup 1] [--threads 2] [--num-generations 1]
+Completions have exactly the requested length on every side (EOS ignored), fp32, CPU. A step is
+everything an optimizer step costs: sampling, teacher and student scoring, loss, backward, AdamW,
+EMA. The first ``--warmup`` steps are not timed. Peak memory: the process's peak RSS during
+training (VmHWM, reset after the model is loaded; the weights stay resident), and that peak less
+the RSS before training. Prints a table and appends one CSV row per side to
+bench/results/trl_sides.csv (bench/results/trl.csv holds the earlier two-side runs).
+
+    python bench/bench_trl.py [--case short|long] [--mode full_logits|topk_logits] [--steps 3]
+        [--warmup 1] [--threads 2] [--sides trl,trl_fused,ours]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import gc
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +37,23 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS_CSV = Path(__file__).resolve().parent / "results" / "trl.csv"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+RESULTS_CSV = (
+    Path(__file__).resolve().parent / "results" / "trl_sides.csv"
+)  # trl.csv: the two-side runs before
+SIDES = ("trl", "trl_fused", "ours")
+LONG_MODEL = dict(  # Qwen2.5-0.5B's shape
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 
 # Used when the demo data is not available: 8 invented facts, prompt + demonstration.
 FALLBACK_ROWS = [
@@ -62,20 +84,52 @@ def bench_rows(count: int) -> list[tuple[str, str]]:
     return rows[:count]
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, text=True
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def long_model_folder(cache: Path) -> Path:
+    """A random-weight Qwen2 of Qwen2.5-0.5B's shape with the embedded model's tokenizer, saved once."""
+    folder = cache / "qwen2.5-0.5b-shape-random"
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from sdft_fast.default_model import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        **LONG_MODEL, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model = Qwen2ForCausalLM(config)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
 
 
-# ----------------------------------------------------------------------------- the two sides
+# ----------------------------------------------------------------------------- the three sides
+
+
+class Memory:
+    """Peak RSS during training: reset the high-water mark after loading, read it at the end."""
+
+    def start(self) -> None:
+        gc.collect()
+        self.reset = harness.reset_peak_rss()
+        self.before = harness.current_rss_bytes()
+
+    def result(self) -> dict:
+        peak = harness.peak_rss_bytes()
+        return {
+            "peak_rss_bytes": peak,
+            "peak_extra_bytes": max(peak - self.before, 0),
+            "peak_reset": self.reset,
+        }
 
 
 def run_ours(args) -> dict:
     import torch
+    from transformers import AutoTokenizer
 
     from sdft_fast.config import TrainConfig
     from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE, DataLimits, Example, encode_examples
@@ -83,10 +137,7 @@ def run_ours(args) -> dict:
     from sdft_fast.trainer import build_model
 
     torch.set_num_threads(args.threads)
-    model_path = Path(args.model)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     examples = [
         Example(prompt=prompt, demonstration=demo, answers=None, row=i + 1, source="bench")
         for i, (prompt, demo) in enumerate(bench_rows(args.batch_size // args.num_generations))
@@ -112,19 +163,20 @@ def run_ours(args) -> dict:
         progress=False,
         report_to="none",
     )
-    model = build_model(model_path, config)
+    model = build_model(Path(args.model), config)
+    memory = Memory()
+    memory.start()
     result = train(model, tokenizer, encoded, config)
     rows = [row for row in result.metrics if not row.get("eval")]
-    step_times = [row["step_s"] for row in rows]
     return {
-        "step_s": step_times[args.warmup :],
+        "step_s": [row["step_s"] for row in rows][args.warmup :],
         "sample_s": [row.get("sample_s", 0.0) for row in rows][args.warmup :],
-        "completion_len": [row["completion_len_mean"] for row in rows],
         "loss": [row["loss"] for row in rows],
+        **memory.result(),
     }
 
 
-def run_trl(args) -> dict:
+def run_trl(args, fused: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -132,6 +184,10 @@ def run_trl(args) -> dict:
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE
+
+    trainer_class = SDFTTrainer
+    if fused:
+        from sdft_fast.integrations.trl import FusedSDFTTrainer as trainer_class
 
     torch.set_num_threads(args.threads)
     step_times: list[float] = []
@@ -157,8 +213,9 @@ def run_trl(args) -> dict:
             num_generations=args.num_generations,
             max_completion_length=args.completion,
             generation_kwargs={"min_new_tokens": args.completion},  # equal work: no early EOS
-            distillation_mode="full_logits",
+            distillation_mode=args.mode,
             distillation_alpha=0.0,
+            distillation_topk=args.topk,
             teacher_model_kind="ema",
             teacher_update_rate=0.01,
             num_loss_tokens_to_skip=3,
@@ -185,7 +242,7 @@ def run_trl(args) -> dict:
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        trainer = SDFTTrainer(
+        trainer = trainer_class(
             model=model,
             args=config,
             train_dataset=dataset,
@@ -193,9 +250,11 @@ def run_trl(args) -> dict:
             peft_config=peft_config,
             callbacks=[StepTimer()],
         )
+        memory = Memory()
+        memory.start()
         trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return {"step_s": step_times[args.warmup :], "loss": losses}
+    return {"step_s": step_times[args.warmup :], "loss": losses, **memory.result()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -203,34 +262,19 @@ def run_trl(args) -> dict:
 
 def run_side(side: str, args) -> dict:
     """Run one side in a fresh interpreter; its last stdout line is the JSON result."""
-    command = [
-        sys.executable,
-        __file__,
-        "--only",
-        side,
-        "--model",
-        str(args.model),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--batch-size",
-        str(args.batch_size),
-        "--num-generations",
-        str(args.num_generations),
-        "--completion",
-        str(args.completion),
-        "--lora-rank",
-        str(args.lora_rank),
-        "--threads",
-        str(args.threads),
-    ]
+    command = [sys.executable, __file__, "--only", side]
+    for name in ("model", "case", "mode", "topk", "steps", "warmup", "batch_size", "num_generations"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    command += ["--completion", str(args.completion), "--lora-rank", str(args.lora_rank)]
+    command += ["--threads", str(args.threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
-        raise SystemExit(f"bench_trl: the {side} side failed (exit {done.returncode})")
+        return {
+            "error": f"exit {done.returncode}: " + " | ".join(done.stderr.strip().splitlines()[-2:])[:300]
+        }
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - started
     return result
@@ -240,98 +284,110 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per side")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="completions per step")
-    parser.add_argument(
-        "--num-generations", type=int, default=1, help="rollouts per prompt (batch-size / this many prompts)"
-    )
-    parser.add_argument("--completion", type=int, default=24, help="completion tokens per rollout")
+    parser.add_argument("--case", choices=["short", "long"], default="short")
+    parser.add_argument("--mode", choices=["full_logits", "topk_logits"], default="full_logits")
+    parser.add_argument("--topk", type=int, default=100, help="distillation_topk of the topk_logits mode")
+    parser.add_argument("--model", default=None, help="HF model folder (default: per case)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per side (short 3, long 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (short 1, long 0)")
+    parser.add_argument("--batch-size", type=int, default=None, help="completions per step (short 8, long 2)")
+    parser.add_argument("--num-generations", type=int, default=1, help="rollouts per prompt")
+    parser.add_argument("--completion", type=int, default=None, help="completion tokens (short 24, long 512)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--only", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {SIDES}")
+    parser.add_argument(
+        "--cache", default=os.environ.get("SDFT_BENCH_CACHE", str(Path(tempfile.gettempdir()) / "sdft_bench"))
+    )
+    parser.add_argument("--only", choices=SIDES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-csv", action="store_true", help="print only, append no CSV row")
     args = parser.parse_args(argv)
+    long_case = args.case == "long"
+    defaults = dict(steps=(1, 3), warmup=(0, 1), batch_size=(2, 8), completion=(512, 24))
+    for name, (long_value, short_value) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, long_value if long_case else short_value)
     if args.num_generations < 1 or args.batch_size % args.num_generations:
         parser.error(
             f"--batch-size {args.batch_size} must be a multiple of --num-generations {args.num_generations}"
         )
+    sides = [side for side in args.sides.split(",") if side]
+    if unknown := [side for side in sides if side not in SIDES]:
+        parser.error(f"--sides: unknown {unknown}; choose from {SIDES}")
+    if args.mode == "topk_logits" and "ours" in sides:
+        sides.remove("ours")  # our engine distils over the full vocabulary only
 
     if importlib.util.find_spec("trl") is None:
-        print("bench_trl: skipped: `trl` is not installed (pip install trl; not a dependency of sdft_fast)")
+        print("bench_trl: skipped: `trl` is not installed (pip install 'sdft_fast[trl]')")
         return 0
     if args.model is None:
-        from sdft_fast.default_model import default_model_path
+        if long_case:
+            args.model = str(long_model_folder(Path(args.cache)))
+        else:
+            from sdft_fast.default_model import default_model_path
 
-        args.model = str(default_model_path())
+            args.model = str(default_model_path())
 
-    if args.only == "ours":
-        print(json.dumps(run_ours(args)))
+    if args.only is not None:
+        result = run_ours(args) if args.only == "ours" else run_trl(args, fused=args.only == "trl_fused")
+        print(json.dumps(result))
         return 0
-    if args.only == "trl":
-        print(json.dumps(run_trl(args)))
-        return 0
 
-    results = {side: run_side(side, args) for side in ("ours", "trl")}
-    ours_s = statistics.median(results["ours"]["step_s"])
-    trl_s = statistics.median(results["trl"]["step_s"])
-    ratio = trl_s / ours_s
-    print(
-        f"\nSDFT step, {Path(args.model).name}, batch {args.batch_size} ({args.num_generations} per prompt), "
-        f"completion {args.completion}, "
-        f"LoRA r{args.lora_rank}, fp32, {args.threads} threads, CPU"
-    )
-    print(f"{'trainer':<12}{'s/step (median)':>18}{'steps timed':>14}")
-    print(f"{'TRL':<12}{trl_s:>18.3f}{len(results['trl']['step_s']):>14}")
-    print(f"{'sdft_fast':<12}{ours_s:>18.3f}{len(results['ours']['step_s']):>14}")
-    ours_sample_s = statistics.median(results["ours"]["sample_s"])
-    print(
-        f"speed-up: {ratio:.2f}x (goal >= 3x); sdft_fast's step: {ours_sample_s:.3f} s sampling, "
-        f"{ours_s - ours_sample_s:.3f} s scoring + backward + optimizer"
-    )
-
-    if not args.no_csv:
-        import torch
-        import transformers
-        import trl
-
-        RESULTS_CSV.parent.mkdir(parents=True, exist_ok=True)
+    env = harness.environment("cpu")
+    load = os.getloadavg()[0]
+    results = {side: run_side(side, args) for side in sides}
+    stock = results.get("trl", {})
+    rows = []
+    for side in sides:
+        result = results[side]
         row = {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "commit": git_commit(),
-            "device": f"cpu ({platform.processor() or platform.machine()})",
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl.__version__,
+            **env,
+            "case": args.case,
+            "mode": args.mode,
+            "side": side,
             "model": Path(args.model).name,
             "batch_size": args.batch_size,
             "num_generations": args.num_generations,
             "completion_tokens": args.completion,
             "lora_rank": args.lora_rank,
-            "dtype": "float32",
-            "timed_steps": args.steps,
-            "trl_s_per_step": round(trl_s, 4),
-            "ours_s_per_step": round(ours_s, 4),
-            "speedup": round(ratio, 3),
-            "trl_steps_s": " ".join(f"{t:.3f}" for t in results["trl"]["step_s"]),
-            "ours_steps_s": " ".join(f"{t:.3f}" for t in results["ours"]["step_s"]),
-            "ours_sample_s": round(ours_sample_s, 4),
+            "threads": args.threads,
+            "load_avg_1m": round(load, 2),
+            "timed_steps": len(result.get("step_s", [])),
+            "warmup": args.warmup,
+            "s_per_step": "",
+            "peak_rss_mib": "",
+            "peak_extra_mib": "",
+            "time_vs_trl": "",
+            "peak_vs_trl": "",
+            "error": result.get("error", ""),
         }
-        # Older rows may lack newer columns: rewrite the file with the union of the headers.
-        previous, fields = [], list(row)
-        if RESULTS_CSV.exists():
-            with open(RESULTS_CSV, newline="") as handle:
-                reader = csv.DictReader(handle)
-                previous = list(reader)
-                fields = list(reader.fieldnames or []) + [
-                    f for f in row if f not in (reader.fieldnames or [])
-                ]
-        with open(RESULTS_CSV, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(previous + [row])
+        if "step_s" in result and result["step_s"]:
+            row["s_per_step"] = round(statistics.median(result["step_s"]), 3)
+            row["peak_rss_mib"] = round(result["peak_rss_bytes"] / 2**20)
+            row["peak_extra_mib"] = round(result["peak_extra_bytes"] / 2**20)
+            if stock.get("step_s"):
+                row["time_vs_trl"] = round(row["s_per_step"] / statistics.median(stock["step_s"]), 3)
+                row["peak_vs_trl"] = round(result["peak_rss_bytes"] / stock["peak_rss_bytes"], 3)
+        rows.append(row)
+
+    print(
+        f"\nSDFT step ({args.case}, {args.mode}), {Path(args.model).name}, batch {args.batch_size}, "
+        f"completion {args.completion}, LoRA r{args.lora_rank}, fp32, {args.threads} threads, "
+        f"{env['device']}, load {load:.1f}, commit {env['commit']}"
+    )
+    columns = [
+        "side",
+        "s_per_step",
+        "time_vs_trl",
+        "peak_rss_mib",
+        "peak_vs_trl",
+        "peak_extra_mib",
+        "timed_steps",
+        "error",
+    ]
+    print(harness.markdown_table(rows, columns))
+    if not args.no_csv:
+        harness.append_csv(RESULTS_CSV, rows)
         print(f"appended to {RESULTS_CSV}")
     return 0
 
