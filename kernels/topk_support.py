@@ -18,7 +18,8 @@ calls) breaks ties in an implementation-defined order. The choice cannot change 
 tied ids have identical head rows (and biases) on both sides — the way exact ties arise in a real
 head (duplicated or untrained rows) with a shared-head teacher — because then both sides' values
 at either id are identical and the divergence is a sum over the support
-(tests/kernels/test_topk_support.py checks this against TRL's own function).
+(tests/sdft_fast/test_loss_topk_teacher_head.py checks this against TRL's own function, on rows
+where torch.topk keeps other tied ids than ours).
 """
 
 from __future__ import annotations

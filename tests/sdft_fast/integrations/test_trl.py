@@ -84,17 +84,10 @@ def _recording(cls):
     return Recording
 
 
-def _run_sdft(cls, model_dir, tmp_path, steps=1, peft_config=True, **options):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    dataset = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": q}], "privileged_context": a} for q, a in FACTS]
-    )
-    config = SDFTConfig(
-        output_dir=str(tmp_path / cls.__name__),
+def _common_args(steps):
+    # The TrainingArguments both trainers share: CPU, fp32, seeded, no logging or saving.
+    return dict(
         per_device_train_batch_size=2,
-        num_generations=1,
-        max_completion_length=8,
         max_steps=steps,
         learning_rate=1e-3,
         logging_steps=1,
@@ -105,11 +98,29 @@ def _run_sdft(cls, model_dir, tmp_path, steps=1, peft_config=True, **options):
         seed=0,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        **options,
     )
-    lora = peft.LoraConfig(
+
+
+def _lora():
+    return peft.LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
+
+
+def _run_sdft(cls, model_dir, tmp_path, steps=1, peft_config=True, **options):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": q}], "privileged_context": a} for q, a in FACTS]
+    )
+    config = SDFTConfig(
+        output_dir=str(tmp_path / cls.__name__),
+        num_generations=1,
+        max_completion_length=8,
+        **_common_args(steps),
+        **options,
+    )
+    lora = _lora()
     recorder = _Recorder()
     trainer = _recording(cls)(
         model=model,
@@ -297,23 +308,11 @@ def _run_gkd(cls, model_dir, tmp_path, steps=1, peft_config=True, **options):
     )
     config = GKDConfig(
         output_dir=str(tmp_path / cls.__name__),
-        per_device_train_batch_size=2,
-        max_steps=steps,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,  # TRL's configs default to bf16 autocast, also on the CPU
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **_common_args(steps),
         max_new_tokens=5,
         **options,
     )
-    lora = peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
+    lora = _lora()
     recorder = _Recorder()
     trainer = _recording(cls)(
         model=model,
