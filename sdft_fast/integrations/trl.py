@@ -48,9 +48,16 @@ try:
     from trl.experimental.gkd import GKDTrainer
     from trl.experimental.sdft import SDFTTrainer
     from trl.experimental.sdft.loss_utils import apply_importance_sampling_clipping
-except ImportError as error:  # pragma: no cover - exercised only without TRL
+except ImportError as error:  # pragma: no cover - exercised only without TRL (or with an old one)
+    import importlib.metadata
+
+    try:
+        found = f"trl {importlib.metadata.version('trl')} is installed but lacks {error.name or 'a module'}"
+    except importlib.metadata.PackageNotFoundError:
+        found = "trl is not installed"
     raise ImportError(
-        "sdft_fast.integrations.trl needs TRL (tested: trl>=1.16,<1.17): pip install 'sdft_fast[trl]'"
+        f"sdft_fast.integrations.trl needs TRL's experimental SDFT and GKD trainers (tested: "
+        f"trl>=1.16,<1.17); {found}: pip install 'sdft_fast[trl]'"
     ) from error
 
 from packaging.version import Version
