@@ -7,7 +7,13 @@ The public loss is importable from the package root::
 
 __version__ = "0.1.0"
 
-__all__ = ["SelfDistillLoss", "linear_cross_entropy", "reduce_token_losses", "self_distill_loss", "token_logprobs"]
+__all__ = [
+    "SelfDistillLoss",
+    "linear_cross_entropy",
+    "reduce_token_losses",
+    "self_distill_loss",
+    "token_logprobs",
+]
 
 
 def __getattr__(name):
