@@ -14,7 +14,10 @@ Cases (``--case``):
 
 Completions have exactly the requested length on every side (EOS ignored), fp32, CPU. A step is
 everything an optimizer step costs: sampling, teacher and student scoring, loss, backward, AdamW,
-EMA. The first ``--warmup`` steps are not timed. Peak memory: the process's peak RSS during
+EMA. ``--fixed-rollouts`` replaces the TRL sides' sampling by fixed random completions of the
+requested length (the same tokens on both; a 512-token decode of the 0.5B shape costs tens of
+minutes on a loaded 2-core CPU): the step is then scoring, loss, backward and optimizer, where
+the two TRL sides differ; our engine, whose sampler cannot be swapped out, is left out then. The first ``--warmup`` steps are not timed. Peak memory: the process's peak RSS during
 training (VmHWM, reset after the model is loaded; the weights stay resident), and that peak less
 the RSS before training. Prints a table and appends one CSV row per side to
 bench/results/trl_sides.csv (bench/results/trl.csv holds the earlier two-side runs).
@@ -250,11 +253,27 @@ def run_trl(args, fused: bool) -> dict:
             peft_config=peft_config,
             callbacks=[StepTimer()],
         )
+        if args.fixed_rollouts:
+            trainer._generate = fixed_rollouts(args.completion, len(tokenizer))
         memory = Memory()
         memory.start()
         trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {"step_s": step_times[args.warmup :], "loss": losses, **memory.result()}
+
+
+def fixed_rollouts(length: int, vocab: int):
+    """A stand-in for SDFTTrainer._generate: the same random completion tokens for the same prompt."""
+    import torch
+
+    def generate(prompt_ids):
+        completions = []
+        for ids in prompt_ids:
+            gen = torch.Generator().manual_seed(sum(ids) * 31 + len(ids))
+            completions.append(torch.randint(0, vocab, (length,), generator=gen).tolist())
+        return prompt_ids, completions
+
+    return generate
 
 
 # ----------------------------------------------------------------------------- driver
@@ -266,7 +285,7 @@ def run_side(side: str, args) -> dict:
     for name in ("model", "case", "mode", "topk", "steps", "warmup", "batch_size", "num_generations"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     command += ["--completion", str(args.completion), "--lora-rank", str(args.lora_rank)]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads)] + (["--fixed-rollouts"] if args.fixed_rollouts else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -299,6 +318,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--cache", default=os.environ.get("SDFT_BENCH_CACHE", str(Path(tempfile.gettempdir()) / "sdft_bench"))
     )
+    parser.add_argument(
+        "--fixed-rollouts",
+        action="store_true",
+        help="TRL sides: fixed random completions instead of sampling",
+    )
     parser.add_argument("--only", choices=SIDES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-csv", action="store_true", help="print only, append no CSV row")
     args = parser.parse_args(argv)
@@ -314,8 +338,8 @@ def main(argv=None) -> int:
     sides = [side for side in args.sides.split(",") if side]
     if unknown := [side for side in sides if side not in SIDES]:
         parser.error(f"--sides: unknown {unknown}; choose from {SIDES}")
-    if args.mode == "topk_logits" and "ours" in sides:
-        sides.remove("ours")  # our engine distils over the full vocabulary only
+    if (args.mode == "topk_logits" or args.fixed_rollouts) and "ours" in sides:
+        sides.remove("ours")  # our engine: full vocabulary only, and its own sampler
 
     if importlib.util.find_spec("trl") is None:
         print("bench_trl: skipped: `trl` is not installed (pip install 'sdft_fast[trl]')")
@@ -344,6 +368,7 @@ def main(argv=None) -> int:
             **env,
             "case": args.case,
             "mode": args.mode,
+            "rollouts": "fixed" if args.fixed_rollouts else "sampled",
             "side": side,
             "model": Path(args.model).name,
             "batch_size": args.batch_size,
@@ -371,7 +396,8 @@ def main(argv=None) -> int:
         rows.append(row)
 
     print(
-        f"\nSDFT step ({args.case}, {args.mode}), {Path(args.model).name}, batch {args.batch_size}, "
+        f"\nSDFT step ({args.case}, {args.mode}, {'fixed' if args.fixed_rollouts else 'sampled'} rollouts), "
+        f"{Path(args.model).name}, batch {args.batch_size}, "
         f"completion {args.completion}, LoRA r{args.lora_rank}, fp32, {args.threads} threads, "
         f"{env['device']}, load {load:.1f}, commit {env['commit']}"
     )
