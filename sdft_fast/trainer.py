@@ -40,14 +40,12 @@ step as one process with ``grad_accum`` x N. Only rank 0 writes metrics, progres
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,7 +65,8 @@ from sdft_fast.lora import LoraConfig
 from sdft_fast.loss import linear_cross_entropy, reduce_token_losses, self_distill_loss, token_logprobs
 from sdft_fast.model import PairBatch, SelfDistillModel
 from sdft_fast.precision import MixedPrecision
-from sdft_fast.sampling import fill_id, pad_token_id, stop_token_ids
+from sdft_fast.rollouts import Rollouts, RolloutSampler, micro_batches
+from sdft_fast.sampling import pad_token_id, stop_token_ids
 from sdft_fast.schedule import DataCursor, make_optimizer, planned_steps
 from sdft_fast.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint
 
@@ -119,77 +118,6 @@ def validate_examples(examples: Sequence[EncodedExample], config: TrainConfig) -
 # ----------------------------------------------------------------------------- one step
 
 
-@dataclass
-class _Rollouts:
-    """One step's worth of sampled completions, kept across the passes of num_iterations."""
-
-    example_indices: list[int]  # into the encoded examples, in micro-batch order
-    completions: list[list[int]]  # token ids per prompt (EOS included when produced)
-    rollout_logprobs: list[list[float]] | None  # per completion token, under the sampling policy
-    passes_done: int = 0
-    # Which completions were sampled under the teacher prompt (None: none, as before the field existed).
-    from_teacher: list[bool] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def share(self, ranks: Ranks) -> _Rollouts:
-        """This rank's block of the step's rollouts (the whole step's on one process)."""
-        logprobs = None if self.rollout_logprobs is None else ranks.share(self.rollout_logprobs)
-        from_teacher = None if self.from_teacher is None else ranks.share(self.from_teacher)
-        return _Rollouts(
-            ranks.share(self.example_indices),
-            ranks.share(self.completions),
-            logprobs,
-            self.passes_done,
-            from_teacher,
-        )
-
-    @classmethod
-    def join(cls, parts: list[dict[str, Any]]) -> _Rollouts:
-        """The step's rollouts from every rank's block (to_json form, in rank order)."""
-        joined = {}
-        for name in ("example_indices", "completions", "rollout_logprobs", "from_teacher"):
-            joined[name] = None if parts[0].get(name) is None else [x for part in parts for x in part[name]]
-        return cls(**joined, passes_done=parts[0]["passes_done"])
-
-    @classmethod
-    def from_json(cls, payload: dict[str, Any] | None) -> _Rollouts | None:
-        return None if payload is None else cls(**payload)
-
-
-def _micro_batches(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
-    return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
-
-
-def _rollout_seed(seed: int, step: int, micro: int) -> int:
-    """Sampling seed for one micro-batch: a function of (seed, step, micro-batch) alone, so the same
-    step samples the same completions whether or not the run was resumed in between."""
-    return (seed * 1_000_003 + step * 7919 + micro) % (2**63 - 1)
-
-
-def teacher_rollout_mask(config: TrainConfig, step: int, count: int) -> list[bool]:
-    """Which of a step's ``count`` rollouts are sampled under the teacher prompt.
-
-    ``mix`` takes ``floor(f * count)`` of them, plus one with probability ``frac(f * count)`` (so the
-    expected fraction is exactly ``f`` whatever the batch), at positions drawn at random; both draws
-    come from a generator seeded by (seed, step) alone, so a resumed run picks the same rows.
-    """
-    if config.rollout_source == "student":
-        return [False] * count
-    if config.rollout_source == "teacher":
-        return [True] * count
-    generator = torch.Generator().manual_seed(_rollout_seed(config.seed, step, 0) ^ 0x7EAC4E5)
-    expected = config.teacher_rollout_fraction * count
-    chosen = math.floor(expected) + int(
-        float(torch.rand((), generator=generator)) < expected - math.floor(expected)
-    )
-    mask = [False] * count
-    for position in torch.randperm(count, generator=generator)[:chosen].tolist():
-        mask[position] = True
-    return mask
-
-
 class Trainer:
     """The steps of one run and their state; :func:`sdft_fast.run.train` is the public entry point."""
 
@@ -231,6 +159,9 @@ class Trainer:
                     load(state)
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = pad_token_id(tokenizer, self.stop_ids)
+        self.sampler = RolloutSampler(
+            model, self.examples, config, self.ranks, self.stop_ids, self.pad_id, sharded=self.sharded
+        )
         # fp32 masters and loss scaling for half-precision models; the parameters themselves in fp32
         # (and under FSDP2, whose shards the optimizer steps directly).
         self.precision = MixedPrecision(model, enabled=not self.sharded)
@@ -239,7 +170,7 @@ class Trainer:
         )
         self.cursor = DataCursor(len(self.examples), seed=config.seed, shuffle=config.shuffle)
         self.step = 0
-        self.pending: _Rollouts | None = None
+        self.pending: Rollouts | None = None
         self.completion_tokens_total = 0
         self.run_id = uuid.uuid4().hex[:12]  # names this run's checkpoints (pruning touches only its own)
         self.skipped_steps = 0  # steps with a non-finite loss or gradient, over the whole run
@@ -249,75 +180,9 @@ class Trainer:
 
     # -- rollouts -------------------------------------------------------------
 
-    def _sample(self, indices: list[int]) -> _Rollouts:
-        """Sample one completion per entry of ``indices`` (a prompt repeated num_generations times gets
-        that many independent draws), micro-batch by micro-batch, each under the student or the teacher
-        prompt as ``teacher_rollout_mask`` says; the student's weights sample both."""
-        config = self.config
-        # The whole step's mask (as one process draws it), this rank's block of it.
-        from_teacher = self.ranks.share(
-            teacher_rollout_mask(config, self.step, len(indices) * self.ranks.world_size)
-        )
-        completions: list[list[int]] = []
-        for micro, (chunk, chunk_from_teacher) in enumerate(
-            zip(_micro_batches(indices, config.batch_size), _micro_batches(from_teacher, config.batch_size))
-        ):
-            prompts = [
-                self.examples[i].teacher_prompt_ids if teacher else self.examples[i].student_prompt_ids
-                for i, teacher in zip(chunk, chunk_from_teacher)
-            ]
-            completions.extend(
-                self.model.generate(
-                    prompts,
-                    max_new_tokens=config.max_new_tokens,
-                    do_sample=True,
-                    temperature=config.temperature,
-                    top_p=config.top_p,
-                    top_k=config.top_k,
-                    eos_token_id=None if config.ignore_eos else (self.stop_ids or None),
-                    pad_token_id=self.pad_id,
-                    # Rank r's micro-batches are micro-batches r * grad_accum... of the whole step.
-                    seed=_rollout_seed(config.seed, self.step, self.ranks.rank * config.grad_accum + micro),
-                )
-            )
-        rollout_logprobs = None
-        if config.num_iterations > 1:
-            # The policy that sampled the rollouts, for the importance ratios of later passes. Rollouts
-            # from the teacher prompt are off-policy by design and get none (weight 1, as in TRL).
-            rollout_logprobs = []
-            with torch.no_grad():
-                for chunk_indices, chunk_completions, chunk_from_teacher in zip(
-                    _micro_batches(indices, config.batch_size),
-                    _micro_batches(completions, config.batch_size),
-                    _micro_batches(from_teacher, config.batch_size),
-                ):
-                    prompts = [self.examples[i].student_prompt_ids for i in chunk_indices]
-                    nonempty = [j for j, c in enumerate(chunk_completions) if c and not chunk_from_teacher[j]]
-                    per_sequence: list[list[float]] = [[] for _ in chunk_completions]
-                    if nonempty:
-                        out = self.model.forward_student(
-                            [prompts[j] for j in nonempty], [list(chunk_completions[j]) for j in nonempty]
-                        )
-                        logp = token_logprobs(
-                            out.student_hidden,
-                            self.model.lm_head_weight,
-                            self.model.lm_head_bias,
-                            out.targets,
-                            temperature=config.temperature,
-                        )  # [N]
-                        for row, values in enumerate(
-                            _split_by_sequence(logp.float().cpu(), out.sequence_ids.cpu(), len(nonempty))
-                        ):
-                            per_sequence[nonempty[row]] = values.tolist()
-                    elif self.sharded:  # every rank runs every FSDP2 pass (they are collectives)
-                        self.model.forward_student(prompts[:1], [self._stand_in_completion()])
-                    rollout_logprobs.extend(per_sequence)
-        return _Rollouts(
-            example_indices=indices,
-            completions=completions,
-            rollout_logprobs=rollout_logprobs,
-            from_teacher=from_teacher,
-        )
+    def _sample(self, indices: list[int]) -> Rollouts:
+        """This step's rollouts for ``indices`` (see :class:`sdft_fast.rollouts.RolloutSampler`)."""
+        return self.sampler.sample(indices, self.step)
 
     # -- losses ---------------------------------------------------------------
 
@@ -395,9 +260,6 @@ class Trainer:
             stats["importance_ratio"] = mean_ratio
         return loss, stats
 
-    def _stand_in_completion(self) -> list[int]:
-        return [fill_id(self.pad_id, self.stop_ids)]
-
     def _stand_in_loss(self, index: int) -> tuple[torch.Tensor, dict]:
         """A rank with nothing to score in a micro-batch still runs the FSDP2 forward and backward
         (collectives every rank must join): one example with a one-token stand-in completion, every
@@ -405,7 +267,9 @@ class Trainer:
         example = self.examples[index]
         out = self.model.forward_pair(
             PairBatch(
-                [example.student_prompt_ids], [example.teacher_prompt_ids], [self._stand_in_completion()]
+                [example.student_prompt_ids],
+                [example.teacher_prompt_ids],
+                [self.sampler.stand_in_completion()],
             )
         )
         loss = self_distill_loss(
@@ -467,7 +331,7 @@ class Trainer:
         ratio_sum, ratio_count = 0.0, 0
         tokens = 0
         nonfinite: str | None = None  # why this step changes nothing, if it does not
-        for micro, chunk in enumerate(_micro_batches(indices, config.batch_size)):
+        for micro, chunk in enumerate(micro_batches(indices, config.batch_size)):
             lo = micro * config.batch_size
             if config.method == "sdft":
                 chunk_logprobs = (
@@ -604,7 +468,7 @@ class Trainer:
         pending = None
         if self.pending is not None:
             parts = self.ranks.gather_objects(self.pending.to_json(), what="gathering the pending rollouts")
-            pending = _Rollouts.join(parts).to_json()
+            pending = Rollouts.join(parts).to_json()
         return {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "run_id": self.run_id,
@@ -662,7 +526,7 @@ class Trainer:
             epoch=int(state["data"]["epoch"]),
             position=int(state["data"]["position"]),
         )
-        pending = _Rollouts.from_json(state.get("pending_rollouts"))
+        pending = Rollouts.from_json(state.get("pending_rollouts"))
         self.pending = None if pending is None else pending.share(self.ranks)
         self.completion_tokens_total = int(state.get("completion_tokens_total", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -671,12 +535,6 @@ class Trainer:
 
 def _finite(tensor: torch.Tensor | None) -> bool:
     return tensor is None or bool(torch.isfinite(tensor).all())
-
-
-def _split_by_sequence(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int):
-    """Rows of a packed [N] tensor grouped by sequence id (rows of one sequence are contiguous)."""
-    counts = torch.bincount(sequence_ids, minlength=num_sequences).tolist()
-    return torch.split(values, counts)
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -26,6 +26,7 @@ from sdft_fast.data import (
     encode_examples,
     load_examples,
 )
+from sdft_fast.rollouts import teacher_rollout_mask
 from sdft_fast.run import train
 from sdft_fast.schedule import planned_steps
 from sdft_fast.trainer import build_model
@@ -324,8 +325,8 @@ def test_mix_samples_its_fraction_under_the_teacher_prompt(tiny_model_dir, token
     result = train(model, tokenizer, encoded, config)
     teacher_prompts = [e.teacher_prompt_ids for e in encoded]
     for step, (call, row) in enumerate(zip(calls, result.metrics)):
-        mask = trainer_module.teacher_rollout_mask(config, step, 4)
-        assert mask == trainer_module.teacher_rollout_mask(config, step, 4)
+        mask = teacher_rollout_mask(config, step, 4)
+        assert mask == teacher_rollout_mask(config, step, 4)
         assert sum(mask) in (1, 2) and row["teacher_rollouts"] == sum(mask)
         assert [prompt in teacher_prompts for prompt in call] == mask
 
@@ -334,7 +335,7 @@ def test_mix_samples_its_fraction_under_the_teacher_prompt(tiny_model_dir, token
     steps, count = 4000, 8
     for fraction in (0.3, 0.5, 0.9):
         mix = tiny_config(None, rollout_source="mix", teacher_rollout_fraction=fraction, batch_size=count)
-        masks = [trainer_module.teacher_rollout_mask(mix, step, count) for step in range(steps)]
+        masks = [teacher_rollout_mask(mix, step, count) for step in range(steps)]
         mean = sum(map(sum, masks)) / (steps * count)
         p = fraction * count - math.floor(fraction * count)
         assert abs(mean - fraction) <= 5 * math.sqrt(p * (1 - p) / steps) / count + 1e-12, (fraction, mean)
