@@ -227,6 +227,7 @@ def run_trl(args, fused: bool) -> dict:
             ),
             learning_rate=1e-4,
             lr_scheduler_type="cosine",
+            gradient_checkpointing=args.gradient_checkpointing,
             max_steps=args.warmup + args.steps,
             logging_steps=1,
             save_strategy="no",
@@ -286,6 +287,7 @@ def run_side(side: str, args) -> dict:
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     command += ["--completion", str(args.completion), "--lora-rank", str(args.lora_rank)]
     command += ["--threads", str(args.threads)] + (["--fixed-rollouts"] if args.fixed_rollouts else [])
+    command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -322,6 +324,11 @@ def main(argv=None) -> int:
         "--fixed-rollouts",
         action="store_true",
         help="TRL sides: fixed random completions instead of sampling",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="TRL sides: recompute the backbone's activations",
     )
     parser.add_argument("--only", choices=SIDES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-csv", action="store_true", help="print only, append no CSV row")
@@ -369,6 +376,7 @@ def main(argv=None) -> int:
             "case": args.case,
             "mode": args.mode,
             "rollouts": "fixed" if args.fixed_rollouts else "sampled",
+            "gradient_checkpointing": args.gradient_checkpointing,
             "side": side,
             "model": Path(args.model).name,
             "batch_size": args.batch_size,
