@@ -93,20 +93,46 @@ def fact_stage_rows(facts: int, questions: int, demo_form: str):
 
 
 def recipe_plan(args):
-    """A one-stage plan of the chosen facts, scored on direct / indirect / recall and two probe sets."""
-    from sdft_fast.continual_plan import Plan, ProbeSet, Stage
+    """A one-stage plan of the chosen facts, scored on direct / indirect / recall and two probe sets;
+    with ``--anchor-fraction`` the demo plan's anchors (general questions trained toward the start model)
+    make that fraction of the rows."""
+    import dataclasses as dc
+
+    from sdft_fast.continual_plan import Plan, ProbeSet, Stage, load_plan
     from sdft_fast.data import DEFAULT_TEACHER_TEMPLATE
+    from sdft_fast.demo import DEMO_PLAN_PATH
     from sdft_fast.eval import RETENTION_PROBES_PATH, retention_probes
 
     train, evals, probes = fact_stage_rows(args.facts, args.questions, args.demo_form)
     template = TEMPLATES[args.template] or DEFAULT_TEACHER_TEMPLATE
     stage = Stage(name="facts", train=train, eval=evals, score="direct", teacher_template=template)
     probes = [probes[0], ProbeSet("retention-40", retention_probes(), str(RETENTION_PROBES_PATH))]
-    return Plan(name="recipe", stages=[stage], source="bench_recipe", eval_max_new_tokens=24, probes=probes)
+    anchors = None
+    if args.anchor_fraction > 0:
+        anchors = dc.replace(load_plan(DEMO_PLAN_PATH).anchors, fraction=args.anchor_fraction)
+    return Plan(
+        name="recipe",
+        stages=[stage],
+        source="bench_recipe",
+        eval_max_new_tokens=24,
+        probes=probes,
+        anchors=anchors,
+    )
+
+
+def skill_stage():
+    """The demo plan's skill stage: its in-context rate after a fact stage is what a later skill stage's
+    teacher-prompt rollouts (and a merged teacher) can teach."""
+    from sdft_fast.continual_plan import load_plan
+    from sdft_fast.demo import DEMO_PLAN_PATH
+
+    return next(s for s in load_plan(DEMO_PLAN_PATH).stages if s.score == "format")
 
 
 def steps_for(args) -> int:
-    return max(1, math.ceil(args.rollouts_per_fact * args.facts / args.batch_size))
+    """Steps that give every fact ``rollouts_per_fact`` rollouts; anchors take their fraction of each batch."""
+    fact_rows_per_step = args.batch_size * (1.0 - args.anchor_fraction)
+    return max(1, math.ceil(args.rollouts_per_fact * args.facts * args.questions / fact_rows_per_step))
 
 
 def train_settings(args) -> dict:
@@ -115,8 +141,12 @@ def train_settings(args) -> dict:
         lr=args.lr,
         batch_size=args.batch_size,
         lora_rank=args.lora_rank,
+        lora_targets=args.lora_targets,
         seed=args.seed,
-        warmup_steps=0,
+        warmup_steps=args.warmup_steps,
+        optimizer=args.optimizer,
+        adam_eps=args.adam_eps,
+        momentum=args.momentum,
         device="cpu",
         dtype="float32",
         progress=not args.no_progress,
@@ -132,6 +162,7 @@ def train_settings(args) -> dict:
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
             rollout_source=args.rollout_source,
+            rollout_model=args.rollout_model,
         )
         if args.rollout_source == "mix":
             settings["teacher_rollout_fraction"] = args.teacher_rollout_fraction
@@ -160,6 +191,7 @@ def run_one(args) -> dict:
     cache = Path(args.work_dir) / f"start-{digest}.json"
     start = json.loads(cache.read_text()) if cache.is_file() else None
     eval_seconds = []
+    skill = skill_stage()
 
     def timed_evaluator(model, tok, the_plan):
         evaluator = Evaluator(tok, the_plan, reference_logprobs(model, tok))
@@ -167,6 +199,8 @@ def run_one(args) -> dict:
         def evaluate(m, after_stage):
             began = time.perf_counter()
             out = evaluator(m, after_stage)
+            if after_stage > 0:  # the skill's in-context rate of the trained model (start: 24/24)
+                out["skill_in_context"] = evaluator.in_context(m, [skill])[skill.name]
             eval_seconds.append(time.perf_counter() - began)
             return out
 
@@ -206,6 +240,14 @@ def run_one(args) -> dict:
         "rollout_source": args.rollout_source if args.method == "sdft" else "",
         "teacher_rollout_fraction": args.teacher_rollout_fraction if args.rollout_source == "mix" else "",
         "max_new_tokens": args.max_new_tokens if args.method == "sdft" else "",
+        "rollout_model": args.rollout_model if args.method == "sdft" else "",
+        "anchor_fraction": args.anchor_fraction,
+        "lora_rank": args.lora_rank,
+        "lora_targets": args.lora_targets,
+        "optimizer": args.optimizer,
+        "adam_eps": args.adam_eps if args.optimizer == "adamw" else "",
+        "momentum": args.momentum if args.optimizer == "sgd" else "",
+        "warmup_steps": args.warmup_steps,
         "rollouts_per_fact": args.rollouts_per_fact,
         "steps": steps_for(args),
         "batch_size": args.batch_size,
@@ -215,6 +257,7 @@ def run_one(args) -> dict:
         row[kind], row[f"{kind}_n"] = kinds[kind]
     for name, (correct, total) in after["probes"].items():
         row[f"probes:{name}"], row[f"probes:{name}_n"] = correct, total
+    row["skill_in_context"], row["skill_in_context_n"] = after["skill_in_context"]
     row["kl"] = round(after["drift"]["kl"], 5)
     row["dnll"] = round(after["drift"]["dnll"], 5)
     row["train_s"] = round(after["train"]["train_s"], 1)
@@ -461,7 +504,21 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rollout-source", choices=("student", "teacher", "mix"), default="student")
     parser.add_argument("--teacher-rollout-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--rollout-model", choices=("student", "teacher"), default="student", help="whose weights sample"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--anchor-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of each batch drawn from the demo plan's anchor questions (trained toward the start)",
+    )
+    parser.add_argument("--lora-targets", default="all", help="all | mlp | attention | module names")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    parser.add_argument("--adam-eps", type=float, default=1e-8)
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument(
         "--rollouts-per-fact", type=int, default=60, help="the budget: steps = this x facts / batch"
     )

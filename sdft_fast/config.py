@@ -23,6 +23,16 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Where an SDFT rollout is sampled: the student prompt (on-policy, the paper's), the teacher prompt (the
 # same policy shown the demonstration, TRL's generate_from_teacher), or a mix of the two in each step.
 ROLLOUT_SOURCES = ("student", "teacher", "mix")
+# Whose weights sample the rollouts: the student's (the paper's), or the teacher's (with teacher='base',
+# the frozen start model; under the teacher prompt, the teacher's own samples).
+ROLLOUT_MODELS = ("student", "teacher")
+OPTIMIZERS = ("adamw", "sgd")
+# Named groups of decoder linear layers LoRA can wrap (any other value: comma-separated module names).
+LORA_TARGET_GROUPS = {
+    "all": None,
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
 REPORTERS = ("tensorboard", "none")  # where metrics go besides metrics.jsonl
 
 
@@ -107,6 +117,13 @@ class TrainConfig:
         0.5,
         "with rollout-source mix: the expected fraction of each step's rollouts sampled under the teacher prompt",
     )
+    rollout_model: str = setting(
+        "student",
+        "whose weights sample the rollouts: student (the policy being trained) or teacher (the teacher's "
+        "weights; with teacher base the frozen start model, so under the teacher prompt the rollouts are the "
+        "teacher's own samples and a skill the student lost can still be taught)",
+        choices=ROLLOUT_MODELS,
+    )
     temperature: float = setting(1.0, "rollout sampling temperature")
     top_p: float = setting(1.0, "rollout nucleus sampling")
     top_k: int = setting(0, "rollout top-k sampling, 0 = off")
@@ -118,8 +135,15 @@ class TrainConfig:
     lr: float = setting(1e-4, "peak learning rate")
     warmup_steps: int = setting(0, "linear warmup steps")
     min_lr_ratio: float = setting(0.0, "cosine floor as a fraction of the peak learning rate")
+    optimizer: str = setting("adamw", "adamw | sgd (with --momentum)", choices=OPTIMIZERS)
     weight_decay: float = setting(0.0, "AdamW weight decay")
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas", flag=False)
+    adam_eps: float = setting(
+        1e-8,
+        "AdamW epsilon: a weight whose gradient RMS is below it moves by about lr x gradient / eps instead "
+        "of lr, so tiny noisy gradients take small steps",
+    )
+    momentum: float = setting(0.9, "SGD momentum (--optimizer sgd)")
     grad_clip: float = setting(1.0, "max global grad norm, <= 0 off")
     batch_size: int = setting(8, "sequences per micro-batch (one forward/backward)")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
@@ -130,6 +154,11 @@ class TrainConfig:
     # -- model (read by trainer.build_model; the loop itself takes a built model)
     lora_rank: int = setting(16, "LoRA rank on all decoder linear layers, 0 = full fine-tuning")
     lora_alpha: float | None = setting(None, "LoRA alpha (default 2 x rank)", type=float)
+    lora_targets: str = setting(
+        "all",
+        "decoder linear layers LoRA wraps: all | mlp (gate/up/down) | attention (q/k/v/o) | comma-separated "
+        "module names",
+    )
     lora_dropout: float = setting(0.0, "dropout on the LoRA branch")
     dtype: str = setting(
         "auto",
@@ -242,6 +271,21 @@ class TrainConfig:
             fail("min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
         if self.weight_decay < 0:
             fail("weight_decay", self.weight_decay, "must be >= 0")
+        if not self.adam_eps > 0:
+            fail("adam_eps", self.adam_eps, "must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            fail("momentum", self.momentum, "must lie in [0, 1)")
+        if self.lora_rank > 0:
+            try:
+                _ = self.lora_target_modules  # raises on a bad value
+            except ValueError as error:
+                fail("lora_targets", self.lora_targets, str(error))
+        if self.rollout_model != "student" and self.method != "sdft":
+            fail(
+                "rollout_model",
+                self.rollout_model,
+                f"only method='sdft' samples rollouts (method={self.method!r})",
+            )
         for name in (f.name for f in dataclasses.fields(self)):
             # NaN passes every comparison above unnoticed, and inf is no setting either.
             value = getattr(self, name)
@@ -257,6 +301,20 @@ class TrainConfig:
     def prompts_per_step(self) -> int:
         """Distinct prompts taken from the data per optimizer step."""
         return self.sequences_per_step // self.num_generations
+
+    @property
+    def lora_target_modules(self) -> list[str] | None:
+        """``LoraConfig.target_modules`` for ``lora_targets`` (None: every decoder linear layer)."""
+        value = str(self.lora_targets).strip()
+        if value in LORA_TARGET_GROUPS:
+            group = LORA_TARGET_GROUPS[value]
+            return None if group is None else list(group)
+        names = [name.strip() for name in value.split(",")]
+        if not value or not all(names):
+            raise ValueError(
+                f"expected {', '.join(LORA_TARGET_GROUPS)} or comma-separated module names, got {value!r}"
+            )
+        return names
 
     @property
     def resolved_lora_alpha(self) -> float:

@@ -73,7 +73,16 @@ STAGE_KEYS = ("name", "train", "eval", "score", "teacher_template", "anchor_frac
 EVAL_KEYS = ("max_new_tokens", "batch_size", "probes")
 ANCHOR_KEYS = ("path", "fraction", "max_new_tokens")
 # The model is built once per run: these settings are the run's, not a stage's.
-RUN_FIELDS = ("method", "lora_rank", "lora_alpha", "lora_dropout", "teacher", "dtype", "device")
+RUN_FIELDS = (
+    "method",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "teacher",
+    "dtype",
+    "device",
+)
 RUNNER_FIELDS = ("output_dir",)  # set by the runner (one folder per stage)
 DEFAULT_KIND = "eval"  # the kind of an evaluation row that names none
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -9,7 +9,9 @@ SAME contract and the same random stream:
   (never stale after an optimizer step): ``W_eff = W + s * B @ A`` for every
   LoRA linear (the student's delta), q/k/v fused into one ``[(H + 2 Hkv) hd, D]``
   weight and gate/up into one ``[2 I, D]`` weight, so a decoder layer is four
-  GEMMs. Full fine-tuning (``lora_config=None``) just fuses the current weights.
+  GEMMs. The active LoRA route decides the delta (``generate(policy="teacher")`` samples with
+  the teacher's slot, or the base weights alone). Full fine-tuning (``lora_config=None``) just
+  fuses the current weights.
 * Our own decode loop over preallocated K/V caches ``[B, Hkv, S, hd]`` (S =
   longest prompt + max_new_tokens). Row b's prompt sits at ``[0, len_b)`` and
   its token of step t at ``len_b + t`` (an index_put, no growth); a boolean key
@@ -27,7 +29,7 @@ SAME contract and the same random stream:
   sgemm (docs/performance.md has the figures). Elsewhere (CUDA, bf16/fp16, no
   oneDNN): ``F.linear``.
 
-Semantics are those of ``generate``: the student adapter is always on,
+Semantics are those of ``generate``: the adapter of the active route is on,
 positions are ``0..len-1`` per row, logits are cast to fp32 before
 ``sampling.pick_next``, which is called once per step on the whole ``[B, V]``
 batch (finished rows included) with a ``torch.Generator`` seeded the same way;
@@ -54,7 +56,7 @@ from torch import nn
 
 from sdft_fast import sampling
 from sdft_fast.llama_ops import apply_rope, norm_eps, rms_norm, sliding_window_in_use
-from sdft_fast.lora import LoraLinear
+from sdft_fast.lora import ROUTE_NONE, ROUTE_STUDENT, LoraLinear, current_route
 
 # RoPE types whose cos/sin at a position do not depend on how long the sequence is:
 # one table for all positions of the call reproduces HF exactly. "dynamic" and
@@ -114,12 +116,15 @@ def _out_in(module: nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def _fused_linear(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row-stack the effective student weights of ``modules`` into one [sum out, in] weight.
+    """Row-stack the effective weights of ``modules`` under the active LoRA route into one
+    [sum out, in] weight.
 
-    A LoRA linear contributes ``W + s * B @ A`` (= ``base_weight + delta_weight("student")``),
-    written straight into its rows of the fused buffer by one addmm: no [out, in] temporary.
+    A LoRA linear contributes ``W + s * B @ A`` of the route's slot (the student's adapter, or the EMA
+    teacher's; ``W`` alone under ROUTE_NONE), written straight into its rows of the fused buffer by
+    one addmm: no [out, in] temporary.
     Bias: the row-stacked biases, or None when no module has one.
     """
+    route = current_route()
     outs = [_out_in(m)[0] for m in modules]
     in_features = _out_in(modules[0])[1]
     first = modules[0].base.weight if isinstance(modules[0], LoraLinear) else modules[0].weight
@@ -131,8 +136,13 @@ def _fused_linear(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor 
     row = 0
     for module, n_out, b in zip(modules, outs, biases):
         rows = weight[row : row + n_out]  # [out, in], contiguous view
-        if isinstance(module, LoraLinear):
-            torch.addmm(module.base_weight, module.lora_B, module.lora_A, alpha=module.scaling, out=rows)
+        if isinstance(module, LoraLinear) and route != ROUTE_NONE:
+            down, up = (
+                (module.lora_A, module.lora_B) if route == ROUTE_STUDENT else (module.ema_A, module.ema_B)
+            )
+            torch.addmm(module.base_weight, up, down, alpha=module.scaling, out=rows)
+        elif isinstance(module, LoraLinear):
+            rows.copy_(module.base_weight)
         else:
             rows.copy_(module.weight)
         if b is not None:

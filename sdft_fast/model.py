@@ -489,13 +489,20 @@ class SelfDistillModel(nn.Module):
             raise RuntimeError(
                 "adapters_disabled() with full fine-tuning needs teacher='base' (the only mode that keeps the base weights)"
             )
+        with self._teacher_copy_swapped_in():
+            yield
+
+    @contextlib.contextmanager
+    def _teacher_copy_swapped_in(self) -> Iterator[None]:
+        """Full fine-tuning: the teacher's own copy of the weights (base or EMA) in the model for the
+        block, the trained weights back afterwards."""
         saved = {}
         params = dict(self.hf_model.named_parameters())
         try:
             with torch.no_grad():
-                for name, base in self._teacher_params.items():
+                for name, teacher in self._teacher_params.items():
                     saved[name] = params[name].detach().clone()
-                    params[name].copy_(base)
+                    params[name].copy_(teacher)
             yield
         finally:
             with torch.no_grad():
@@ -516,13 +523,18 @@ class SelfDistillModel(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         seed: int | None = None,
+        policy: str = "student",
     ) -> list[list[int]]:
-        """Batched sampling from the student (the contract of :mod:`sdft_fast.sampling`).
+        """Batched sampling (the contract of :mod:`sdft_fast.sampling`) from the student, or with
+        ``policy="teacher"`` from the teacher's weights (the EMA adapter, the base weights for
+        ``teacher='base'``, the student itself for ``'live'``).
 
-        Llama-family models go through ``fast_sampler.fast_generate`` (student delta merged into
-        a per-call copy of the weights, our own decode loop); others, or ``fast_sampling=False``,
-        through ``sampling.reference_generate`` with the student adapter active.
+        Llama-family models go through ``fast_sampler.fast_generate`` (the policy's delta merged
+        into a per-call copy of the weights, our own decode loop); others, or
+        ``fast_sampling=False``, through ``sampling.reference_generate`` with its adapter active.
         """
+        if policy not in ("student", "teacher"):
+            raise ValueError(f"policy must be 'student' or 'teacher', got {policy!r}")
         check_generate_args(self.config, prompts, max_new_tokens, do_sample, temperature, top_p, top_k)
         if not prompts or max_new_tokens == 0:
             return [[] for _ in prompts]
@@ -536,12 +548,27 @@ class SelfDistillModel(nn.Module):
             pad_token_id=pad_token_id,
             seed=seed,
         )
-        if self.fast_sampling:
-            supported, _ = supports_fast_generate(self, max(len(p) for p in prompts) + max_new_tokens)
-            if supported:
-                return fast_generate(self, prompts, **kwargs)
-        with lora_route(ROUTE_STUDENT):
+        with self._policy_weights(policy):
+            if self.fast_sampling:
+                supported, _ = supports_fast_generate(self, max(len(p) for p in prompts) + max_new_tokens)
+                if supported:
+                    return fast_generate(self, prompts, **kwargs)
             return reference_generate(self.hf_model, prompts, **kwargs)
+
+    @contextlib.contextmanager
+    def _policy_weights(self, policy: str) -> Iterator[None]:
+        """The student's or the teacher's weights for the block: a LoRA route, or (full fine-tuning
+        with an ema/base teacher) the teacher's copy swapped in and the trained weights back after."""
+        if policy == "student" or self.teacher_mode == "live":
+            with lora_route(ROUTE_STUDENT):
+                yield
+            return
+        if self.lora_config is not None:
+            with lora_route(self._teacher_lora_route):
+                yield
+            return
+        with self._teacher_copy_swapped_in():
+            yield
 
     # -- save / load (PEFT format; see sdft_fast.peft_io) ----------------------------------------------
     def save_adapter(self, directory: str | os.PathLike) -> None:

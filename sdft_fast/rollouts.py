@@ -124,7 +124,7 @@ class RolloutSampler:
     def sample(self, indices: list[int], step: int) -> Rollouts:
         """Sample one completion per entry of ``indices`` (a prompt repeated num_generations times gets
         that many independent draws), micro-batch by micro-batch, each under the student or the teacher
-        prompt as ``teacher_rollout_mask`` says; the student's weights sample both."""
+        prompt as ``teacher_rollout_mask`` says, with the weights ``rollout_model`` names."""
         config = self.config
         # The whole step's mask (as one process draws it), this rank's block of it.
         from_teacher = self.ranks.share(
@@ -150,9 +150,12 @@ class RolloutSampler:
                     pad_token_id=self.pad_id,
                     # Rank r's micro-batches are micro-batches r * grad_accum... of the whole step.
                     seed=rollout_seed(config.seed, step, self.ranks.rank * config.grad_accum + micro),
+                    policy=config.rollout_model,
                 )
             )
         rollout_logprobs = None
+        # The teacher's weights sampled every rollout: all off-policy (weight 1, as teacher-prompt ones).
+        off_policy = [True] * len(completions) if config.rollout_model != "student" else from_teacher
         if config.num_iterations > 1:
             # The policy that sampled the rollouts, for the importance ratios of later passes. Rollouts
             # from the teacher prompt are off-policy by design and get none (weight 1, as in TRL).
@@ -161,7 +164,7 @@ class RolloutSampler:
                 for chunk_indices, chunk_completions, chunk_from_teacher in zip(
                     micro_batches(indices, config.batch_size),
                     micro_batches(completions, config.batch_size),
-                    micro_batches(from_teacher, config.batch_size),
+                    micro_batches(off_policy, config.batch_size),
                 ):
                     prompts = [self.examples[i].student_prompt_ids for i in chunk_indices]
                     nonempty = [j for j, c in enumerate(chunk_completions) if c and not chunk_from_teacher[j]]

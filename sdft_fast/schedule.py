@@ -25,14 +25,27 @@ def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int, min_lr
 
 
 def make_optimizer(params: list[torch.Tensor], config: TrainConfig, total_steps: int):
-    """AdamW over ``params`` (the fp32 masters of :class:`sdft_fast.precision.MixedPrecision`)
-    and the cosine-with-warmup schedule over ``total_steps``."""
+    """AdamW (or SGD with momentum) over ``params`` (the fp32 masters of
+    :class:`sdft_fast.precision.MixedPrecision`) and the cosine-with-warmup schedule over ``total_steps``.
+
+    AdamW divides each weight's step by the root of its squared-gradient average plus ``adam_eps``, so
+    with the default eps every adapter weight moves by about lr per step however small and noisy its
+    gradient; an eps near the gradients' RMS lets weights with small gradients take small steps."""
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters: nothing to train")
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay, eps=1e-8
-    )
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=config.lr,
+            betas=config.adam_betas,
+            weight_decay=config.weight_decay,
+            eps=config.adam_eps,
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: cosine_with_warmup(

@@ -79,7 +79,12 @@ def build_model(
     folders you trust."""
     lora = None
     if config.lora_rank > 0:
-        lora = LoraConfig(r=config.lora_rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
+        lora = LoraConfig(
+            r=config.lora_rank,
+            alpha=config.resolved_lora_alpha,
+            dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+        )
     # PEFT-style adapters start with B = 0 but A random: seed so two runs start identically.
     torch.manual_seed(config.seed)
     model = SelfDistillModel.from_pretrained(
@@ -217,11 +222,13 @@ class Trainer:
                     out.targets,
                     temperature=config.temperature,
                 )  # [N]
-                # Teacher-prompt rollouts take the current log-probs as their own: ratio 1.
+                # Off-policy rollouts (the teacher prompt's, or the teacher weights') take the current
+                # log-probs as their own: ratio 1.
+                off_policy = config.rollout_model != "student"
                 logp_rollout = torch.cat(
                     [
                         logp_now[out.sequence_ids == row].float()
-                        if from_teacher[j]
+                        if from_teacher[j] or off_policy
                         else torch.tensor(rollout_logprobs[j], dtype=torch.float32, device=logp_now.device)
                         for row, j in enumerate(keep)
                     ]

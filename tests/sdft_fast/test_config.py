@@ -71,3 +71,30 @@ def test_every_flag_field_has_help_and_a_type():
     for spec in flag_fields():
         assert spec.metadata["help"], spec.name
         assert spec.metadata.get("type") or spec.default is not None, spec.name
+
+
+def test_lora_targets_groups_names_and_errors():
+    assert TrainConfig().lora_target_modules is None
+    assert TrainConfig(lora_targets="mlp").lora_target_modules == ["gate_proj", "up_proj", "down_proj"]
+    assert TrainConfig(lora_targets="attention").lora_target_modules == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]
+    assert TrainConfig(lora_targets=" down_proj, o_proj").lora_target_modules == ["down_proj", "o_proj"]
+    for bad in ("", "q_proj,,v_proj"):
+        with pytest.raises(ConfigError, match=r"TrainConfig.lora_targets=.*comma-separated module names"):
+            TrainConfig(lora_targets=bad)
+    TrainConfig(lora_targets="", lora_rank=0)  # full fine-tuning has no adapter to place
+
+
+def test_optimizer_settings_and_rollout_model_are_checked():
+    with pytest.raises(ConfigError, match=r"TrainConfig.adam_eps=0.0: must be > 0"):
+        TrainConfig(adam_eps=0.0)
+    with pytest.raises(ConfigError, match=r"TrainConfig.momentum=1.0: must lie in \[0, 1\)"):
+        TrainConfig(momentum=1.0)
+    with pytest.raises(ConfigError, match=r"TrainConfig.optimizer='adam': must be one of adamw, sgd"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ConfigError, match=r"TrainConfig.rollout_model='teacher': only method='sdft'"):
+        TrainConfig(method="sft", rollout_model="teacher")

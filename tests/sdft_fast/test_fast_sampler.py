@@ -345,3 +345,48 @@ def test_supports_fast_generate():
     assert fast_generate(windowed, prompts, max_new_tokens=6, do_sample=False) == _hf_greedy(
         windowed, prompts, 6
     )
+
+
+# ------------------------------------------------------------------------------ the teacher's weights
+def _hf_greedy_route(model: SelfDistillModel, prompt, max_new_tokens, route) -> list[int]:
+    """Greedy tokens of one unpadded HF forward per step under a LoRA route (the reference)."""
+    ids = list(prompt)
+    with torch.no_grad(), lora_route(route):
+        for _ in range(max_new_tokens):
+            ids.append(int(model.hf_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("teacher,route", [("ema", "teacher"), ("base", "none"), ("live", "student")])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+def test_policy_teacher_samples_with_the_teachers_weights(teacher, route, fast):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SelfDistillModel(_llama(), lora=LoraConfig(r=4, alpha=8), teacher=teacher)
+    _randomize_adapters(model)
+    model.fast_sampling = fast
+    prompts = _prompt_set()
+    ours = model.generate(prompts, max_new_tokens=5, do_sample=False, policy="teacher")
+    assert ours == [_hf_greedy_route(model, p, 5, route) for p in prompts]
+    student = model.generate(prompts, max_new_tokens=5, do_sample=False)
+    assert student == [_hf_greedy_route(model, p, 5, "student") for p in prompts]
+    if teacher != "live":  # the two policies really differ on these random adapters
+        assert ours != student
+
+
+def test_policy_teacher_full_fine_tuning_uses_the_base_copy_and_restores_the_weights():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SelfDistillModel(_llama(), lora=None, teacher="base")
+    base = SelfDistillModel(_llama(), lora=None, teacher="live")  # same seed: the start weights
+    with torch.no_grad():
+        for p in model.hf_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    trained = {n: p.detach().clone() for n, p in model.hf_model.named_parameters()}
+    prompts = _prompt_set()
+    ours = model.generate(prompts, max_new_tokens=5, do_sample=False, policy="teacher")
+    assert ours == base.generate(prompts, max_new_tokens=5, do_sample=False)
+    for n, p in model.hf_model.named_parameters():
+        assert torch.equal(p, trained[n]), n
+    with pytest.raises(ValueError, match="policy"):
+        model.generate(prompts, max_new_tokens=2, policy="base")

@@ -352,3 +352,36 @@ def test_teacher_rollouts_get_no_importance_weight(tiny_model_dir, tokenizer, en
         ratios[source] = train(model, tokenizer, encoded, config).metrics[1]["importance_ratio"]
     assert ratios["teacher"] == 1.0
     assert ratios["student"] != 1.0
+
+
+def test_rollout_model_teacher_samples_with_the_teacher_weights(tiny_model_dir, tokenizer, encoded):
+    """rollout_model='teacher' with a frozen base teacher: every rollout is the base model's own sample
+    (the same seeded draw as the untrained model's), however far the student has moved; with
+    num_iterations 2 the teacher-weight rollouts take importance ratio 1."""
+    config = tiny_config(
+        None, max_steps=4, lr=5e-2, teacher="base", rollout_model="teacher", num_iterations=2
+    )
+    model = build_model(tiny_model_dir, config)
+    seen = []
+    real_generate = model.generate
+
+    def recording_generate(prompts, **kwargs):
+        out = real_generate(prompts, **kwargs)
+        seen.append((prompts, kwargs, out))
+        return out
+
+    model.generate = recording_generate
+    result = train(model, tokenizer, encoded, config)
+    assert result.steps == 4 and len(seen) == 2  # two passes over each batch of rollouts
+    assert all(kwargs["policy"] == "teacher" for _, kwargs, _ in seen)
+    untrained = build_model(tiny_model_dir, config)
+    for prompts, kwargs, out in seen:
+        assert untrained.generate(prompts, **kwargs) == out
+    assert any(row.get("importance_ratio") == pytest.approx(1.0) for row in result.metrics)
+
+
+def test_lora_targets_reach_the_model(tiny_model_dir):
+    model = build_model(tiny_model_dir, tiny_config(None, lora_targets="mlp"))
+    assert model.lora_layers and all(
+        path.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for path in model.lora_layers
+    )
