@@ -55,6 +55,7 @@ from typing import NamedTuple
 import torch
 from sdft_kernels.torch_tiles import (
     DEFAULT_MEMORY_BUDGET_MB,
+    TileGrads,
     compute_dtype,
     logit_tile,
     online_softmax_update,
@@ -230,6 +231,22 @@ def grad_tile(z_s, z_t, z_d, lse_s, lse_t, grad_center, alpha):
     return (1.0 - alpha) * p_s * ((log_p_s - log_m) - grad_center[:, None])
 
 
+def grad_tiles(h_t, weight, bias, stats, alpha, inv_tau, vocab_tile) -> TileGrads:
+    """The recompute backward's tiles of g (for ``recompute_grads``): both logit tiles rebuilt over
+    the rows of ``weight`` from h_s, h_t and the forward's per-token ``stats`` (lse_s, lse_t,
+    grad_center), each [N]."""
+    lse_s, lse_t, grad_center = stats
+
+    def tile_grads(r0, r1, hs_chunk):  # g of the rows [r0, r1), one vocabulary tile at a time
+        h_pair = stack_pair(hs_chunk, h_t[r0:r1])  # [2R, D]
+        rows_stats = (lse_s[r0:r1], lse_t[r0:r1], grad_center[r0:r1])
+        for v0, v1 in spans(weight.shape[0], vocab_tile):
+            z_s, z_t, z_d, w_tile = pair_logits(h_pair, weight, bias, v0, v1, inv_tau)
+            yield v0, v1, grad_tile(z_s, z_t, z_d, *rows_stats, alpha), w_tile
+
+    return tile_grads
+
+
 def _forward_sweep(student_hidden, teacher_hidden, weight, bias, alpha, inv_tau, tiles, want_dh):
     """Per-token (loss, lse_s, lse_t, grad_center) [N] and, if wanted, dh [N, D], chunk by chunk."""
     num_tokens = student_hidden.shape[0]
@@ -281,14 +298,9 @@ class ChunkedSelfDistill(torch.autograd.Function):
             return scale_rows(dh, grad_loss, ctx.student_dtype), None, None, None, None, None, None
         h_s, h_t, weight, bias, lse_s, lse_t, grad_center = ctx.saved_tensors
         rows, vocab_tile = ctx.tiles
-
-        def tile_grads(r0, r1, hs_chunk):  # g of the rows [r0, r1), one vocabulary tile at a time
-            h_pair = stack_pair(hs_chunk, h_t[r0:r1])  # [2R, D]
-            stats = (lse_s[r0:r1], lse_t[r0:r1], grad_center[r0:r1])
-            for v0, v1 in spans(weight.shape[0], vocab_tile):
-                z_s, z_t, z_d, w_tile = pair_logits(h_pair, weight, bias, v0, v1, ctx.inv_tau)
-                yield v0, v1, grad_tile(z_s, z_t, z_d, *stats, ctx.alpha), w_tile
-
+        tile_grads = grad_tiles(
+            h_t, weight, bias, (lse_s, lse_t, grad_center), ctx.alpha, ctx.inv_tau, vocab_tile
+        )
         needs = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[2],

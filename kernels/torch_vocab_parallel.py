@@ -36,13 +36,12 @@ import torch
 import torch.distributed as dist
 from sdft_kernels.torch_sdft import (
     SweepStats,
-    grad_tile,
+    grad_tiles,
     jsd_finish,
     jsd_sweep,
     kl_finish,
     kl_sweep,
     log_sum_exps,
-    pair_logits,
     stack_pair,
 )
 from sdft_kernels.torch_tiles import (
@@ -196,13 +195,9 @@ class VocabParallelSelfDistill(torch.autograd.Function):
         h_s, h_t, weight, bias, lse_s, lse_t, grad_center = ctx.saved_tensors
         rows, vocab_tile = ctx.tiles
 
-        def tile_grads(r0, r1, hs_chunk):  # g of the rows [r0, r1) over this rank's block
-            h_pair = stack_pair(hs_chunk, h_t[r0:r1])  # [2R, D]
-            stats = (lse_s[r0:r1], lse_t[r0:r1], grad_center[r0:r1])
-            for v0, v1 in spans(weight.shape[0], vocab_tile):
-                z_s, z_t, z_d, w_tile = pair_logits(h_pair, weight, bias, v0, v1, ctx.inv_tau)
-                yield v0, v1, grad_tile(z_s, z_t, z_d, *stats, ctx.alpha), w_tile
-
+        tile_grads = grad_tiles(
+            h_t, weight, bias, (lse_s, lse_t, grad_center), ctx.alpha, ctx.inv_tau, vocab_tile
+        )
         need_dh = ctx.needs_input_grad[0]
         needs = (True, ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3])
         # h_s in the compute dtype: dh comes back unrounded, and the ranks' shares are summed unrounded.
