@@ -14,8 +14,11 @@ Each configuration runs in fresh interpreters, ``--rounds`` times in alternating
 is the median step time after ``--warmup`` steps (a multi-rank step lasts as long as its slowest
 rank, as the trainer reports it), turned into sequences per second and a speed-up over the first
 layout. ``cores_used_rank0`` is the CPU time rank 0 got per second of training (1.0 = one whole
-core). On a CPU with C cores, N processes share those C cores with each other and with whatever
-else runs on the machine: 2x1 competes with 1x2, not with 1x1. On GPUs each process has its own.
+core) and ``cpu_s_per_seq`` the CPU seconds all ranks spent per sequence: the work itself, which
+the machine's load does not change. On a CPU with C cores, N processes share those C cores with
+each other and with whatever else runs on the machine (on a busy machine N processes also take N
+shares of it from the other jobs): 2x1 competes with 1x2, not with 1x1. On GPUs each process has
+its own.
 
     python bench/bench_scale.py                                  # CPU: 1x1, 1x2, 2x1; LoRA and full FT
     python bench/bench_scale.py --device cuda --layouts 1x1,2x1,4x1,8x1
@@ -175,6 +178,7 @@ def main() -> None:
         errors = [r["error"] for r in measured[(mode, procs, threads)] if "error" in r]
         step = median_step(runs)
         base = median_step([r for r in measured[(mode, *layouts[0])] if "step_s" in r])
+        cores_used = statistics.median(r["cores_used"] for r in runs) if runs else 0.0
         rows.append(
             {
                 **env,
@@ -189,9 +193,11 @@ def main() -> None:
                 "step_s": "" if step is None else round(step, 2),
                 "seq_per_s": "" if step is None else round(args.global_batch / step, 3),
                 "speedup": "" if step is None or base is None else round(base / step, 2),
-                "cores_used_rank0": round(statistics.median(r["cores_used"] for r in runs), 2)
-                if runs
-                else "",
+                "cores_used_rank0": "" if not runs else round(cores_used, 2),
+                # CPU seconds spent per sequence, all ranks (assumed alike): the work, whatever the load
+                "cpu_s_per_seq": ""
+                if step is None
+                else round(step * cores_used * procs / args.global_batch, 2),
                 "peak_mib_rank0": round(max(r["peak_memory_mb"] for r in runs)) if runs else "",
                 "error": " / ".join(errors)[:300],
             }
@@ -199,7 +205,7 @@ def main() -> None:
     harness.append_csv(RESULTS / "scale.csv", rows)
     print(f"\n{env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}")
     columns = ["mode", "procs", "threads_per_proc", "steps_timed", "step_s", "seq_per_s", "speedup"]
-    columns += ["cores_used_rank0", "peak_mib_rank0", "load_avg_1min", "error"]
+    columns += ["cores_used_rank0", "cpu_s_per_seq", "peak_mib_rank0", "load_avg_1min", "error"]
     print(harness.markdown_table(rows, columns))
 
 
