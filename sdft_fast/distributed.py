@@ -313,11 +313,12 @@ def bit_checksum(tensors: Sequence[torch.Tensor]) -> int:
 
 
 def check_run_agrees(ranks: Ranks, model, examples: Sequence[Any], config) -> None:
-    """Every rank must run the same settings (the device aside) on the same examples and start model,
-    or the job ends here with one message naming what differs (:class:`SameOnEveryRank`)."""
+    """Every rank must run the same settings on the same examples and start model, or the job ends
+    here with one message naming what differs (:class:`SameOnEveryRank`). The device (one GPU per
+    rank) and the progress bar (rank 0's only) may differ."""
     if ranks.world_size == 1:
         return
-    settings = {k: v for k, v in config.to_dict().items() if k != "device"}
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "progress")}
     token_ids = [
         [e.student_prompt_ids, e.teacher_prompt_ids, getattr(e, "demonstration_ids", None)] for e in examples
     ]

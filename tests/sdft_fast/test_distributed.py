@@ -58,6 +58,20 @@ def run_lora_ranks(rank, world_size, setup):
         out["mismatch"] = None
     except SameOnEveryRank as error:
         out["mismatch"] = str(error)
+    # A setup step that fails on one rank fails on all at once (not at the next collective's timeout);
+    # the same failure on every rank becomes one message.
+    try:
+        with ranks.together("loading the data"):
+            if rank == 1:
+                raise FileNotFoundError("facts.jsonl: no such file")
+        out["one_failed"] = None
+    except Exception as error:  # noqa: BLE001 - the test looks at which error each rank got
+        out["one_failed"] = f"{type(error).__name__}: {error}"
+    try:
+        with ranks.together("loading the data"):
+            raise ValueError("facts.jsonl row 3: field 'prompt' is missing")
+    except SameOnEveryRank as error:
+        out["all_failed"] = str(error)
 
     model = build_model(model_dir, lora_config(None))
     result = train(model, tokenizer, encoded, lora_config(root / "two_ranks"))
@@ -143,6 +157,17 @@ def test_a_setting_that_differs_across_ranks_is_named_on_every_rank(lora_runs):
         assert out["mismatch"] is not None
         assert "lr (rank 0: 0.001, rank 1: 0.002)" in out["mismatch"]
         assert "seed" not in out["mismatch"]  # only what differs
+
+
+def test_a_setup_failure_on_one_rank_ends_every_rank(lora_runs):
+    per_rank, _ = lora_runs
+    assert per_rank[1]["one_failed"] == "FileNotFoundError: facts.jsonl: no such file"
+    assert per_rank[0]["one_failed"] == (
+        "RankLost: rank 0: stopping because rank 1 failed while loading the data: "
+        "FileNotFoundError: facts.jsonl: no such file"
+    )
+    for out in per_rank:
+        assert out["all_failed"] == "facts.jsonl row 3: field 'prompt' is missing"
 
 
 def test_resume_needs_the_same_micro_batches_per_step(setup, lora_runs):
