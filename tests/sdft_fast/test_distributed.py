@@ -86,6 +86,10 @@ def run_lora_ranks(rank, world_size, setup):
         resumed.trainable_state_dict(),
         resumed.teacher_state_dict(),
     )
+
+    sft = build_model(model_dir, lora_config(None))
+    train(sft, tokenizer, encoded, lora_config(None, method="sft", num_iterations=1))
+    out["sft_adapter"] = sft.trainable_state_dict()
     return out
 
 
@@ -96,7 +100,10 @@ def lora_runs(setup):
     # One process on the same global batch: 2 ranks x 1 micro-batch = 2 micro-batches.
     model = build_model(model_dir, lora_config(None))
     result = train(model, tokenizer, encoded, lora_config(root / "one_process", grad_accum=2))
+    sft = build_model(model_dir, lora_config(None))
+    train(sft, tokenizer, encoded, lora_config(None, method="sft", num_iterations=1, grad_accum=2))
     return per_rank, {
+        "sft_adapter": sft.trainable_state_dict(),
         "adapter": model.trainable_state_dict(),
         "teacher": model.teacher_state_dict(),
         "rows": result.metrics,
@@ -117,6 +124,7 @@ def test_two_ranks_train_the_adapter_one_process_trains_on_the_same_global_batch
     for rank, out in enumerate(per_rank):
         assert_close(out["adapter"], one["adapter"], 1e-5, f"rank {rank} adapter")
         assert_close(out["teacher"], one["teacher"], 1e-5, f"rank {rank} EMA teacher")
+        assert_close(out["sft_adapter"], one["sft_adapter"], 1e-5, f"rank {rank} SFT adapter")
     # Metrics are the whole step's: the global sequence count, the global mean loss.
     for row_two, row_one in zip(per_rank[0]["rows"], one["rows"], strict=True):
         assert row_two["sequences_counted"] == row_one["sequences_counted"] == 4
