@@ -62,8 +62,8 @@ class Launch:
     def from_environment(cls, environ: dict[str, str] | None = None) -> Launch:
         """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun, accelerate launch); one process without them."""
         environ = dict(os.environ if environ is None else environ)
-        if "WORLD_SIZE" not in environ and "RANK" not in environ:
-            return cls()
+        if ("WORLD_SIZE" not in environ and "RANK" not in environ) or environ.get("WORLD_SIZE") == "1":
+            return cls()  # one process (torchrun --nproc-per-node 1 included): no process group
         missing = [name for name in LAUNCH_VARIABLES if name not in environ]
         if missing:
             raise ValueError(

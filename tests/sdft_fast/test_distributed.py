@@ -187,6 +187,7 @@ def test_resume_needs_the_same_micro_batches_per_step(setup, lora_runs):
 
 def test_launch_is_read_from_torchrun_and_accelerate_variables():
     assert Launch.from_environment({}) == Launch(0, 1, 0, "none")
+    assert Launch.from_environment({"WORLD_SIZE": "1", "RANK": "0"}) == Launch(0, 1, 0, "none")
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     assert Launch.from_environment({**torchrun, "TORCHELASTIC_RUN_ID": "x"}) == Launch(3, 4, 1, "torchrun")
     assert (
