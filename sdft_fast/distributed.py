@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sdft_fast.checkpoint import data_fingerprint
+
 # Set by torchrun / torch.distributed.run and by accelerate launch (which runs torchrun's launcher).
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _BUCKET_ELEMENTS = 2**24  # gradients are summed in flat buckets of at most this many elements (64 MiB fp32)
@@ -319,13 +321,11 @@ def check_run_agrees(ranks: Ranks, model, examples: Sequence[Any], config) -> No
     if ranks.world_size == 1:
         return
     settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "progress")}
-    token_ids = [
-        [e.student_prompt_ids, e.teacher_prompt_ids, getattr(e, "demonstration_ids", None)] for e in examples
-    ]
+    # Every weight, not a model fingerprint: FSDP2 shards each rank's own copy, so they must be equal.
     weights = bit_checksum(list(model.hf_model.parameters()))
     identity = {
         **settings,
-        "examples": f"{len(examples)} examples, token-id digest {_digest(token_ids)}",
+        "examples": f"{len(examples)} examples, token ids {data_fingerprint(examples)[:16]}",
         "model": f"{type(model.hf_model).__name__}, weights checksum {weights}",
     }
     ranks.check_same("the settings, data and start model", identity)
