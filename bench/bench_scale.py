@@ -51,7 +51,8 @@ def worker(args) -> None:
     from sdft_fast.default_model import load_tokenizer, resolve_model_path
     from sdft_fast.demo import load_demo_facts
     from sdft_fast.distributed import Launch, Ranks, end_process_group, init_process_group
-    from sdft_fast.trainer import build_model, train
+    from sdft_fast.run import train
+    from sdft_fast.trainer import build_model
 
     torch.set_num_threads(args.threads)
     launch = Launch.from_environment()
@@ -74,7 +75,7 @@ def worker(args) -> None:
         dtype="float32" if args.device == "cpu" else "bfloat16",
         device=args.device,
         progress=False,
-        tensorboard=False,
+        report_to="none",
     )
     config.device = init_process_group(launch, config.device, config.dist_timeout_s)
     try:
