@@ -48,7 +48,7 @@ from sdft_kernels.torch_tiles import TILE_BUDGET_MB, compute_dtype, scale_rows, 
 # N tokens in one chunk): thinner chunks make skinny GEMMs and a row pass with fewer programs
 # than SMs, and the fused kernels (``triton_forward`` / ``triton_backward``) take over.
 MIN_CHUNK_ROWS = 128
-# Chunk heights are rounded down to a multiple of this (whole MMA tiles for the GEMMs).
+# Chunk heights of MIN_CHUNK_ROWS and more are rounded down to a multiple of this (whole MMA tiles).
 CHUNK_ROW_MULTIPLE = 16
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # bf16 x bf16 -> fp32 GEMMs in aten (torch >= 2.8, CUDA): without them the path is unavailable
@@ -75,7 +75,7 @@ def chunk_rows_for_budget(num_tokens: int, hidden: int, vocab: int, memory_budge
     """
     free = memory_budget_mb * 2**20 - 4 * num_tokens * hidden
     rows = max(int(free // (8 * vocab)), 0)
-    return rows - rows % CHUNK_ROW_MULTIPLE if rows >= CHUNK_ROW_MULTIPLE else rows
+    return rows - rows % CHUNK_ROW_MULTIPLE if rows >= MIN_CHUNK_ROWS else rows
 
 
 def select_chunk_rows(

@@ -28,11 +28,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sdft_kernels.triton_configs import DO_NOT_SPECIALIZE, launch_args, launch_meta, with_config
-from sdft_kernels.triton_tiles import load_row_stats, recompute_grad_tile, split_operand
+from sdft_kernels.triton_configs import (
+    DO_NOT_SPECIALIZE,
+    DO_NOT_SPECIALIZE_SPLIT,
+    dh_splits,
+    launch_args,
+    launch_meta,
+    split_group_rows,
+    with_config,
+)
+from sdft_kernels.triton_tiles import load_row_stats, recompute_grad_tile, split_operand, split_program
 
 
-@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE_SPLIT)
 def _sdft_grad_hidden_kernel(
     student_ptr,  # [N, D] student hidden states
     teacher_ptr,  # [N, D] teacher hidden states
@@ -41,7 +49,7 @@ def _sdft_grad_hidden_kernel(
     lse_s_ptr,  # [N] fp32 student log-sum-exp (from the forward)
     lse_t_ptr,  # [N] fp32 teacher log-sum-exp
     grad_center_ptr,  # [N] fp32 reverse KL: E_s[z_s - z_t]; JSD: KL(S||M); forward KL: unused
-    grad_hidden_ptr,  # [N, D] fp32 in/out, zero-initialised: sum_v g[n, v] W[v, :]
+    grad_hidden_ptr,  # [S, N, D] fp32 in/out, zero-initialised: split s holds sum_{v in s} g[n, v] W[v, :]
     N,
     V,
     D,
@@ -52,6 +60,9 @@ def _sdft_grad_hidden_kernel(
     alpha,
     log_one_minus_alpha,
     log_alpha,
+    columns_per_split,  # a multiple of BLOCK_V
+    splits,  # vocabulary splits S
+    group_rows,  # row blocks per launch group (``triton_tiles.split_program``)
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_G: tl.constexpr,
@@ -61,15 +72,18 @@ def _sdft_grad_hidden_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
-    # dh[n, :] = sum_v g[n, v] W[v, :]  (the caller scales row n by grad_output[n] / tau).
-    # This program owns rows [pid * BLOCK_N, +BLOCK_N) of grad_hidden: plain read-modify-write,
-    # deterministic, no atomics.
-    pid_n = tl.program_id(0)
+    # dh[n, :] = sum_v g[n, v] W[v, :]  (the caller sums the splits and scales row n by
+    # grad_output[n] / tau). This program owns rows [pid_n * BLOCK_N, +BLOCK_N) of its split's
+    # partial dh: plain read-modify-write, deterministic, no atomics.
+    pid_n, pid_split = split_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), splits, group_rows)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     lse_s, lse_t, grad_center = load_row_stats(lse_s_ptr, lse_t_ptr, grad_center_ptr, rows, row_mask)
+    v_begin = pid_split.to(tl.int64) * columns_per_split
+    v_end = tl.minimum(v_begin + columns_per_split, V)
+    grad_hidden_ptr += pid_split.to(tl.int64) * N * D  # this split's partial dh
 
-    for v_start in range(0, V, BLOCK_V):
+    for v_start in range(v_begin, v_end, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
         g = recompute_grad_tile(
@@ -78,7 +92,7 @@ def _sdft_grad_hidden_kernel(
             inv_temperature, alpha, log_one_minus_alpha, log_alpha,
             MODE, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_IN_FP32,
         )  # fmt: skip
-        # Rows past N read lse = 0 and may overflow; masked columns must add nothing.
+        # Rows past N and masked columns must add nothing (g is 0 there already; be explicit).
         g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
         # g enters the GEMM in the weight's dtype (tensor cores; |g| <= ~1 so no underflow
         # worries: the per-row incoming gradient is applied after the sum). SPLIT_G (the JSD in
@@ -106,7 +120,7 @@ def _sdft_grad_hidden_kernel(
         tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE_SPLIT)
 def _sdft_grad_hidden_staged_kernel(
     student_ptr,  # [N, D] student hidden states
     teacher_ptr,  # [N, D] teacher hidden states
@@ -115,8 +129,8 @@ def _sdft_grad_hidden_staged_kernel(
     lse_s_ptr,  # [N] fp32 student log-sum-exp (from the forward)
     lse_t_ptr,  # [N] fp32 teacher log-sum-exp
     grad_center_ptr,  # [N] fp32 reverse KL: E_s[z_s - z_t]; JSD: KL(S||M); forward KL: unused
-    grad_hidden_ptr,  # [N, D] fp32 in/out, zero-initialised: sum_v g[n, v] W[v, :]
-    stage_ptr,  # [row blocks, 1 + SPLIT_G, BLOCK_N, STAGE_V] scratch for g (GEMM operand dtype):
+    grad_hidden_ptr,  # [S, N, D] fp32 in/out, zero-initialised: split s holds sum_{v in s} g[n, v] W[v, :]
+    stage_ptr,  # [programs, 1 + SPLIT_G, BLOCK_N, STAGE_V] scratch for g (GEMM operand dtype):
     #             one slab per program (two when SPLIT_G: g_hi, then g_lo)
     N,
     V,
@@ -128,6 +142,9 @@ def _sdft_grad_hidden_staged_kernel(
     alpha,
     log_one_minus_alpha,
     log_alpha,
+    columns_per_split,  # a multiple of STAGE_V
+    splits,  # vocabulary splits S
+    group_rows,  # row blocks per launch group (``triton_tiles.split_program``)
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_G: tl.constexpr,
@@ -145,17 +162,21 @@ def _sdft_grad_hidden_staged_kernel(
     #   dh[rows, :] += g[:, stage] @ W[stage, :]
     # runs as one plain GEMM whose accumulator visits each [BLOCK_N, BLOCK_DH] chunk of dh once
     # per stage. Still deterministic (each program owns its rows and its slab), no atomics.
-    pid_n = tl.program_id(0)
+    pid = tl.program_id(0)
+    pid_n, pid_split = split_program(pid, tl.cdiv(N, BLOCK_N), splits, group_rows)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     lse_s, lse_t, grad_center = load_row_stats(lse_s_ptr, lse_t_ptr, grad_center_ptr, rows, row_mask)
-    slab_ptr = stage_ptr + pid_n.to(tl.int64) * ((1 + SPLIT_G) * BLOCK_N * STAGE_V)
+    v_begin = pid_split.to(tl.int64) * columns_per_split
+    v_end = tl.minimum(v_begin + columns_per_split, V)
+    grad_hidden_ptr += pid_split.to(tl.int64) * N * D  # this split's partial dh
+    slab_ptr = stage_ptr + pid.to(tl.int64) * ((1 + SPLIT_G) * BLOCK_N * STAGE_V)
     slab_lo_ptr = slab_ptr + BLOCK_N * STAGE_V  # g_lo slab (read and written only when SPLIT_G)
     slab_rows = tl.arange(0, BLOCK_N)[:, None] * STAGE_V  # [BLOCK_N, 1] offsets inside the slab
 
-    for v_stage in range(0, V, STAGE_V):
+    for v_stage in range(v_begin, v_end, STAGE_V):
         # Columns of this stage that exist (the last stage may be short): whole tiles up to it.
-        stage_width = tl.minimum(V - v_stage, STAGE_V)
+        stage_width = tl.minimum(v_end - v_stage, STAGE_V)
         # 1) g for the stage's columns, tile by tile, into the slab (zeros past V and N).
         for v_offset in range(0, stage_width, BLOCK_V):
             cols = v_stage + v_offset + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -323,26 +344,37 @@ def launch_backward(
     if need_hidden:
 
         def run_hidden(config):
-            summed = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)  # [N, D]
             row_blocks = triton.cdiv(num_tokens, config["BLOCK_N"])
+            # Vocabulary splits when the row blocks alone leave SMs idle: S partial dh summed
+            # below in a fixed order (deterministic), each split over whole stages / tiles.
+            step = config.get("STAGE_V") or config["BLOCK_V"]
+            tiles = triton.cdiv(vocab, step)
+            tiles_per_split = triton.cdiv(tiles, dh_splits(row_blocks, tiles, device))
+            splits = triton.cdiv(tiles, tiles_per_split)
+            split_args = (tiles_per_split * step, splits, split_group_rows(row_blocks, splits, device))
+            partial = torch.zeros((splits, num_tokens, hidden), dtype=torch.float32, device=device)  # [S, N, D]
+            grid = (row_blocks * splits,)
             meta = launch_meta(config, device)
             if config.get("STAGE_V"):
                 assert config["STAGE_V"] % config["BLOCK_V"] == 0, (
                     f"STAGE_V must be a multiple of BLOCK_V: {config}"
                 )
-                # [row blocks, 1 + SPLIT_G, BLOCK_N, STAGE_V] slab(s) per program for g, in the
+                # [programs, 1 + SPLIT_G, BLOCK_N, STAGE_V] slab(s) per program for g, in the
                 # GEMM operand dtype
                 stage = torch.empty(
-                    (row_blocks, 1 + args.split_g, config["BLOCK_N"], config["STAGE_V"]),
+                    (grid[0], 1 + args.split_g, config["BLOCK_N"], config["STAGE_V"]),
                     dtype=student.dtype,
                     device=device,
                 )
-                _sdft_grad_hidden_staged_kernel[(row_blocks,)](
-                    *stats, summed, stage, *scalars, STAGE_V=config["STAGE_V"],
+                _sdft_grad_hidden_staged_kernel[grid](
+                    *stats, partial, stage, *scalars, *split_args, STAGE_V=config["STAGE_V"],
                     BLOCK_DH=config["BLOCK_DH"], **flags, **meta,
                 )  # fmt: skip
             else:
-                _sdft_grad_hidden_kernel[(row_blocks,)](*stats, summed, *scalars, **flags, **meta)
+                _sdft_grad_hidden_kernel[grid](*stats, partial, *scalars, *split_args, **flags, **meta)
+            summed = partial[0]
+            for split in range(1, splits):  # fixed order: the same sum on every run
+                summed.add_(partial[split])
             return summed
 
         summed = with_config(("grad_hidden", student.dtype, args.mode, args.has_bias), device, run_hidden)

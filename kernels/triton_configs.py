@@ -44,6 +44,11 @@ STAGED_GRAD_HIDDEN_CONFIGS = (
 # sm_90 without register spills; the last ones are small enough to fit any GPU.
 CUDA_CONFIGS = {
     "forward": (
+        # 128 x 128 tiles: 85 instead of 64 FLOP per loaded byte (h_s, h_t and W tiles), with
+        # BLOCK_D = 32 to fit two fp32 [128, 128] accumulators in 255 registers (8 bytes of spill
+        # traffic on sm_90, Triton 3.9; BLOCK_D = 64 spills 80). Not yet timed on a GPU: the
+        # per-config times of bench/loss_phases.py decide whether it stays first.
+        dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
         dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
         dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=4, num_stages=2),
         dict(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=1),
@@ -84,6 +89,20 @@ INTERPRETER_ROW_CONFIG = dict(BLOCK_V=64, num_warps=1)
 PROGRAMS_PER_SM = 4
 # On CPU (interpreter) use a few splits so that the merge path is always exercised.
 INTERPRETER_SPLITS = 3
+# Row blocks per launch group of the split grids (``triton_tiles.split_program``): None = about
+# one wave of resident programs per group, SM count / splits (a group's W tiles are read from
+# HBM once and its h rows stay in L2); a number fixes it (row_blocks: plain split-major, the
+# order of the 2-D grid before 2026-11-30). The interpreter uses small groups, the last one
+# partial, so that the mapping is exercised.
+SPLIT_GROUP_ROWS = None
+INTERPRETER_GROUP_ROWS = 2
+# Vocabulary splits of the dh kernels (``dh_splits``) when N / BLOCK_N row blocks leave SMs idle
+# (the H200 run: 16 programs at N = 1024 on 132 SMs): at most MAX_DH_SPLITS, each one an fp32
+# [N, D] partial dh (8 x 14 MiB at N = 1024, D = 3584). DH_SPLITS fixes the number (tests,
+# benchmarks); the interpreter uses 2 so that the partial sums are exercised.
+DH_SPLITS = None
+MAX_DH_SPLITS = 8
+INTERPRETER_DH_SPLITS = 2
 
 # The dh (and dW) GEMM takes g = dLoss/dz_s as an operand of the input dtype, and rounding g to
 # bf16 costs ~1e-3 relative error in the sum. The KL modes stay within the error budget of the
@@ -98,7 +117,7 @@ SPLIT_G_MODES = (MODE_JSD,)
 # multiply compiled variants (one per ragged test shape). D and the strides stay specialized:
 # their divisibility lets the loads of h and W use 16-byte async copies.
 DO_NOT_SPECIALIZE = ["N", "V"]
-DO_NOT_SPECIALIZE_SPLIT = ["N", "V", "columns_per_split"]
+DO_NOT_SPECIALIZE_SPLIT = ["N", "V", "columns_per_split", "splits", "group_rows"]
 
 # The first config that compiled and launched, per (phase, dtype, mode, flags, device), with the
 # config list it was picked from: later calls with the SAME list start from it instead of
@@ -205,6 +224,30 @@ def _triton_error_types() -> tuple[type, ...]:
 # Errors after which the next config is tried. Anything else (CUDA errors, out of memory, wrong
 # arguments) is raised at once: retrying would hide it, or run into it again with every config.
 RETRYABLE_ERRORS = _triton_error_types()
+
+
+def dh_splits(row_blocks: int, vocab_tiles: int, device: torch.device) -> int:
+    """Vocabulary splits of the dh kernels: as many as fit whole into the SMs' first wave (1 when
+    the row blocks alone fill it), at most MAX_DH_SPLITS (each split holds an fp32 [N, D] partial)."""
+    if DH_SPLITS is not None:
+        wanted = DH_SPLITS
+    elif device.type != "cuda":
+        wanted = INTERPRETER_DH_SPLITS
+    else:
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = min(MAX_DH_SPLITS, sm_count // row_blocks)  # whole waves: 128 row blocks on 132 SMs stay 1
+    return max(1, min(int(wanted), vocab_tiles))
+
+
+def split_group_rows(row_blocks: int, splits: int, device: torch.device) -> int:
+    """Row blocks per launch group of a grid of row_blocks x splits programs (see SPLIT_GROUP_ROWS)."""
+    if device.type != "cuda":
+        wanted = INTERPRETER_GROUP_ROWS
+    elif SPLIT_GROUP_ROWS is not None:
+        wanted = SPLIT_GROUP_ROWS
+    else:
+        wanted = torch.cuda.get_device_properties(device).multi_processor_count // splits
+    return max(1, min(int(wanted), row_blocks))
 
 
 def with_config(phase_key: tuple, device: torch.device, run, configs=None, interpreter_config=None):

@@ -16,7 +16,8 @@ log-sum-exps (~30 for LLM logits) never cancel in fp32 when the divergence is ~1
 The generalized JSD (0 < alpha < 1) needs both lse before it can weigh anything, so it takes a
 statistics sweep and then a loss sweep.
 
-Kernels, both on the grid (row blocks, vocabulary splits):
+Kernels, both on a 1-D grid of (row blocks x vocabulary splits) programs, in the launch order of
+``triton_tiles.split_program`` (split-major within groups of row blocks: W tiles shared in L2):
 
 * ``_sdft_stats_kernel``: partial m, l (and A or B) of each split, written to [S, N] buffers and
   merged in torch in a fixed order (deterministic, no atomics). Splits give enough programs
@@ -35,6 +36,7 @@ from sdft_kernels.triton_configs import (
     DO_NOT_SPECIALIZE_SPLIT,
     launch_args,
     launch_meta,
+    split_group_rows,
     vocab_splits,
     with_config,
 )
@@ -42,6 +44,7 @@ from sdft_kernels.triton_tiles import (
     MODE_FORWARD_KL,
     MODE_REVERSE_KL,
     jsd_log_mixture,
+    split_program,
     student_teacher_logits,
 )
 
@@ -65,6 +68,8 @@ def _sdft_stats_kernel(
     stride_w_d,
     inv_temperature,
     columns_per_split,  # a multiple of BLOCK_V
+    splits,  # vocabulary splits S
+    group_rows,  # row blocks per launch group (``triton_tiles.split_program``)
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -73,8 +78,7 @@ def _sdft_stats_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_split = tl.program_id(1)
+    pid_n, pid_split = split_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), splits, group_rows)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_mask = rows < N
     v_begin = pid_split.to(tl.int64) * columns_per_split
@@ -142,6 +146,8 @@ def _sdft_jsd_loss_kernel(
     log_one_minus_alpha,
     log_alpha,
     columns_per_split,
+    splits,
+    group_rows,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -149,8 +155,7 @@ def _sdft_jsd_loss_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_split = tl.program_id(1)
+    pid_n, pid_split = split_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), splits, group_rows)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     v_begin = pid_split.to(tl.int64) * columns_per_split
@@ -211,10 +216,12 @@ def launch_forward(
         columns_per_split = tiles_per_split * config["BLOCK_V"]
         meta = launch_meta(config, device)
 
+        grid = (row_blocks * splits,)
+        order = (splits, split_group_rows(row_blocks, splits, device))  # launch order of the programs
         partial = torch.empty((5, splits, num_tokens), dtype=torch.float32, device=device)  # [5, S, N]
-        _sdft_stats_kernel[(row_blocks, splits)](
+        _sdft_stats_kernel[grid](
             student, teacher, weight, args.bias_arg, partial[0], partial[1], partial[2], partial[3],
-            partial[4], *args.shapes, args.inv_temperature, columns_per_split,
+            partial[4], *args.shapes, args.inv_temperature, columns_per_split, *order,
             MODE=args.mode, HAS_BIAS=args.has_bias, **args.dot, **meta,
         )  # fmt: skip
 
@@ -243,10 +250,10 @@ def launch_forward(
             loss = grad_center - lse_gap
         else:
             kl = torch.empty((2, splits, num_tokens), dtype=torch.float32, device=device)  # [2, S, N]
-            _sdft_jsd_loss_kernel[(row_blocks, splits)](
+            _sdft_jsd_loss_kernel[grid](
                 student, teacher, weight, args.bias_arg, lse_s, lse_t, kl[0], kl[1],
                 *args.shapes, args.inv_temperature, args.log_one_minus_alpha, args.log_alpha,
-                columns_per_split, HAS_BIAS=args.has_bias, **args.dot, **meta,
+                columns_per_split, *order, HAS_BIAS=args.has_bias, **args.dot, **meta,
             )  # fmt: skip
             kl_t_m, kl_s_m = kl.sum(dim=1).unbind(0)  # [N] each
             loss = alpha * kl_t_m + (1.0 - alpha) * kl_s_m

@@ -24,6 +24,11 @@ MODE_JSD = 2  # 0 < alpha < 1: alpha KL(T || M) + (1 - alpha) KL(S || M), M = (1
 # Logit of a vocabulary column past V: exp(MASKED_LOGIT - anything real) == 0, and the
 # difference of two masked logits is exactly 0 (no inf - inf = nan on any path).
 MASKED_LOGIT = tl.constexpr(-1.0e30)
+# log-sum-exp loaded for a row past N (its hidden state reads as zeros, so its logits are finite):
+# exp(z - PAD_LSE) == 0, so g is exactly 0 there before any mask, in every mode, where lse = 0
+# could overflow exp(z - lse). Not +inf: the JSD's log-mixture of two -inf log-probabilities would
+# be inf - inf = nan; with 1e30 it is finite and g is 0.
+PAD_LSE = tl.constexpr(1.0e30)
 
 
 def kernel_mode(alpha: float) -> int:
@@ -173,7 +178,7 @@ def recompute_grad_tile(
 ):
     # The backward's recompute of one tile: both logit tiles again from the hidden states,
     # then g = dLoss/dz_s [BLOCK_N, BLOCK_V] from the three stored floats per token. Rows
-    # past N read lse = 0 and may overflow, masked columns hold values: callers mask g.
+    # past N (lse = PAD_LSE) and masked columns give g = 0; callers still mask g.
     z_s, z_t = student_teacher_logits(
         student_ptr, teacher_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, D,
         stride_h_n, stride_w_v, stride_w_d, inv_temperature,
@@ -192,11 +197,32 @@ def load_row_stats(
     rows,  # [BLOCK_N] int64 token indices
     row_mask,  # [BLOCK_N] rows < N
 ):
-    # The three floats per token the backward recomputes g from (0 past N).
-    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+    # The three floats per token the backward recomputes g from (past N: lse = PAD_LSE, so that
+    # those rows' g is 0 without overflow; grad_center 0).
+    lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=PAD_LSE)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=PAD_LSE)
     grad_center = tl.load(grad_center_ptr + rows, mask=row_mask, other=0.0)
     return lse_s, lse_t, grad_center
+
+
+@triton.jit
+def split_program(
+    pid,  # this program's index in the 1-D grid of row_blocks * splits programs
+    row_blocks,
+    splits,
+    group_rows,  # row blocks per group (>= 1)
+):
+    # (row block, vocabulary split) of a program. Programs run in launch order, in groups of
+    # group_rows row blocks; inside a group they are split-major: consecutive programs take
+    # consecutive row blocks of the same split, so the programs resident at one time read the
+    # same W tiles (one load from HBM serves the whole group through L2), while the group's few
+    # row blocks of h stay in L2 across its splits. group_rows = row_blocks: plain split-major.
+    per_group = group_rows * splits
+    group = pid // per_group
+    first_row_block = group * group_rows
+    rows_in_group = tl.minimum(row_blocks - first_row_block, group_rows)
+    local = pid - group * per_group
+    return first_row_block + local % rows_in_group, local // rows_in_group
 
 
 @triton.jit

@@ -374,3 +374,30 @@ def test_cuda_aligned_shape_fast_path(monkeypatch, alpha, weight_grad, variant):
     grad_out = torch.rand(300, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     kw = dict(alpha=alpha, temperature=1.0, weight_grad=weight_grad, bias_grad=False)
     assert_within_budget(student, teacher, weight, bias, grad_out, **kw)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_dh_vocabulary_splits_and_launch_order(monkeypatch, alpha):
+    """The dh kernels' vocabulary splits (partial dh summed in a fixed order) and the launch
+    order of the split grids (groups of row blocks, the last one partial) change no result:
+    forward losses are bitwise equal whatever the order, dh agrees across split counts to
+    fp32 rounding, and the same call twice is bitwise identical."""
+    student, teacher, weight, bias = make_inputs(37, 33, 301, torch.float32, bias=True, seed=4)
+    monkeypatch.setattr(triton_configs, "_WORKING_CONFIG", {})
+
+    def run(splits, group_rows):
+        monkeypatch.setattr(triton_configs, "DH_SPLITS", splits)
+        monkeypatch.setattr(triton_configs, "INTERPRETER_GROUP_ROWS", group_rows)
+        monkeypatch.setattr(triton_configs, "SPLIT_GROUP_ROWS", group_rows)
+        return losses_and_grads(
+            fused_token_losses, student, teacher, weight, bias, torch.ones(37, device=DEVICE),
+            alpha=alpha, temperature=1.0, weight_grad=False, bias_grad=False,
+        )  # fmt: skip
+
+    loss_one, (dh_one,) = run(1, 1)
+    loss_three, (dh_three,) = run(3, 2)
+    loss_again, (dh_again,) = run(3, 2)
+    loss_wide, _ = run(3, 100)
+    assert torch.equal(loss_one, loss_three) and torch.equal(loss_one, loss_wide)
+    assert torch.equal(dh_three, dh_again)
+    torch.testing.assert_close(dh_three, dh_one, rtol=1e-5, atol=1e-7)
