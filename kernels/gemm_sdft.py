@@ -23,18 +23,21 @@ Loss + dh costs 3 GEMM-equivalents (1 GEMM-eq = 2 N D V FLOP; the fused recomput
 need 5), 4 with dW. The gradient is computed in the forward (the loss is terminal in every
 trainer), so the backward only applies the incoming gradient:
 
-* dh: row n is d(loss_n)/dh_n, so the backward scales row n by grad_loss[n] — exact for any
-  reduction, including per-token losses reduced later with weights.
-* dW and dbias sum over tokens, so the incoming gradient must enter inside the sum. Given
-  ``grad_weights`` w (the grad_loss the caller expects, up to one scalar: the coefficients of
-  its reduction, see ``sdft_fast.loss``), the forward weights g by w_n and sums dW; the backward
-  checks grad_loss = s w and scales dh, dW and dbias by s. Without w, or when grad_loss is not
-  proportional to it, the backward sweeps the chunks again with w = grad_loss.
+* Without ``grad_weights``: row n of dh is d(loss_n)/dh_n, kept in fp32, and the backward
+  scales it by grad_loss[n] — exact for any incoming gradient (per-token losses reduced later
+  with weights: the trainer's reduction="none"). dW and dbias sum over tokens, so the incoming
+  gradient must enter inside the sum: the backward sweeps the chunks again with it (2 more
+  GEMM-eq for the logits, 1 for dW).
+* With ``grad_weights`` w (the grad_loss the caller expects up to one scalar: the coefficients
+  of its reduction, see ``sdft_fast.loss``), the forward weights g by w_n and forms the whole
+  gradient: dh rounded once to the input dtype, dW and dbias summed. The backward checks
+  grad_loss = s w and scales by s (nothing to do for s = 1, exact for any power of two); any
+  other incoming gradient gets the second sweep, so every result stays exact.
 
-Memory: the [2c, V] fp32 buffer (8 c V bytes) and the fp32 [N, D] dh (4 N D bytes; it is the
-result itself for fp32 inputs), sized together by ``chunk_rows_for_budget``; full fine-tuning
-adds the fp32 [V, D] dW and an fp32 staging block of at most a quarter of the buffer. No [N, V]
-tensor. Cost model and measurements: docs/kernels.md.
+Memory: the [2c, V] fp32 buffer (8 c V bytes) and dh (4 N D bytes in fp32, or N D in the input
+dtype with grad_weights; it is the result itself then), sized together by
+``chunk_rows_for_budget``; full fine-tuning adds the fp32 [V, D] dW and an fp32 staging block of
+at most a quarter of the buffer. No [N, V] tensor. Cost model and measurements: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -67,28 +70,38 @@ def default_memory_budget_mb(num_tokens: int, hidden: int, vocab: int) -> float:
     return max(TILE_BUDGET_MB, (2 * num_tokens + vocab) * hidden * 2 / 4 / 2**20)
 
 
-def chunk_rows_for_budget(num_tokens: int, hidden: int, vocab: int, memory_budget_mb: float) -> int:
-    """Rows per chunk whose fp32 [2c, V] logits and the fp32 [N, D] dh fit ``memory_budget_mb``.
+def chunk_rows_for_budget(
+    num_tokens: int, hidden: int, vocab: int, memory_budget_mb: float, dh_bytes: int = 4
+) -> int:
+    """Rows per chunk whose fp32 [2c, V] logits and the [N, D] dh (``dh_bytes`` per element: 4
+    in fp32, the input's size when it is stored in the input dtype) fit ``memory_budget_mb``.
 
     Not capped at ``num_tokens``: the caller compares it with MIN_CHUNK_ROWS first. 0 when not
     even one row fits.
     """
-    free = memory_budget_mb * 2**20 - 4 * num_tokens * hidden
+    free = memory_budget_mb * 2**20 - dh_bytes * num_tokens * hidden
     rows = max(int(free // (8 * vocab)), 0)
     return rows - rows % CHUNK_ROW_MULTIPLE if rows >= MIN_CHUNK_ROWS else rows
 
 
 def select_chunk_rows(
-    num_tokens: int, hidden: int, vocab: int, memory_budget_mb: float | None, device: torch.device, dtype
+    num_tokens: int,
+    hidden: int,
+    vocab: int,
+    memory_budget_mb: float | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    weighted: bool = False,
 ) -> int:
     """Rows per chunk of the 3-GEMM path for this call, or 0 where the fused kernels should run:
     chunks thinner than MIN_CHUNK_ROWS (unless they hold all N tokens), or bf16/fp16 on CUDA
-    without fp32-result GEMMs."""
+    without fp32-result GEMMs. ``weighted``: grad_weights given (dh stored in ``dtype``)."""
     if device.type == "cuda" and dtype in LOW_PRECISION and not HAS_FP32_OUT_GEMM:
         return 0
     if memory_budget_mb is None:
         memory_budget_mb = default_memory_budget_mb(num_tokens, hidden, vocab)
-    rows = chunk_rows_for_budget(num_tokens, hidden, vocab, memory_budget_mb)
+    dh_bytes = torch.empty((), dtype=dtype).element_size() if weighted else 4
+    rows = chunk_rows_for_budget(num_tokens, hidden, vocab, memory_budget_mb, dh_bytes)
     if rows < min(MIN_CHUNK_ROWS, num_tokens):
         return 0
     return min(rows, num_tokens)
@@ -139,11 +152,13 @@ def chunked_sweep(
     grad_weights: torch.Tensor | None = None,  # [N] w_n multiplying g (and so dh, dW, dbias)
     want_dw: bool = False,
     want_db: bool = False,
+    dh_dtype: torch.dtype | None = None,
 ):
     """(loss [N] fp32, dh [N, D] | None, dW [V, D] | None, dbias [V] | None), all chunk by chunk.
 
-    dh, dW and dbias are those of sum_n w_n loss_n (w = 1 without ``grad_weights``), in the
-    compute dtype (fp32; fp64 for fp64 inputs); ``split_g``: bf16/fp16 g as g_hi + g_lo.
+    dh, dW and dbias are those of sum_n w_n loss_n (w = 1 without ``grad_weights``); dW and dbias
+    in the compute dtype (fp32; fp64 for fp64 inputs), dh in ``dh_dtype`` (default the compute
+    dtype; each row is formed in fp32 and rounded once). ``split_g``: bf16/fp16 g as g_hi + g_lo.
     """
     num_tokens, hidden = student.shape
     vocab = weight.shape[0]
@@ -157,7 +172,7 @@ def chunked_sweep(
 
     buffer = torch.empty((2 * rows, vocab), dtype=dtype, device=device)  # [2c, V] logits, then g
     loss = torch.empty(num_tokens, dtype=torch.float32 if dtype == torch.float32 else dtype, device=device)
-    dh = torch.empty((num_tokens, hidden), dtype=dtype, device=device) if want_dh else None
+    dh = torch.empty((num_tokens, hidden), dtype=dh_dtype or dtype, device=device) if want_dh else None
     dw = torch.zeros((vocab, hidden), dtype=dtype, device=device) if want_dw else None
     db = torch.zeros(vocab, dtype=dtype, device=device) if want_db else None
     staging_rows = max(1, buffer.numel() // (4 * hidden))  # a quarter of the buffer's elements
@@ -228,18 +243,22 @@ class GemmSelfDistillFunction(torch.autograd.Function):
         # student, teacher: [N, D]; weight: [V, D]; bias: [V] or None; grad_weights: [N] or None
         need_dh, _, need_dw, need_db = ctx.needs_input_grad[:4]
         need_db = need_db and bias is not None
-        head_in_forward = (need_dw or need_db) and grad_weights is not None
+        # With grad_weights the forward forms the gradient of sum_n w_n loss_n: dW and dbias, and
+        # dh already in the input dtype (rounded once; the backward only scales it by s, exactly
+        # when s is a power of two such as 1). Without, dh of each token alone, kept in fp32 for
+        # the backward's per-row scale, and the head's gradients left to the backward.
+        weighted = grad_weights is not None
         sweep = (student, teacher, weight, bias, alpha, temperature, rows, row_step, split_g)
         loss, dh, dw, db = chunked_sweep(
             *sweep,
             want_dh=need_dh,
-            grad_weights=grad_weights if head_in_forward else None,
-            want_dw=need_dw and head_in_forward,
-            want_db=need_db and head_in_forward,
+            grad_weights=grad_weights,
+            want_dw=need_dw and weighted,
+            want_db=need_db and weighted,
+            dh_dtype=student.dtype if weighted else None,
         )
         ctx.sweep = sweep[4:]
         ctx.needs = (need_dh, need_dw, need_db)
-        ctx.head_in_forward = head_in_forward
         ctx.save_for_backward(student, teacher, weight, bias, dh, dw, db, grad_weights)
         return loss
 
@@ -249,17 +268,19 @@ class GemmSelfDistillFunction(torch.autograd.Function):
         # grad_loss: [N] dLoss/d(per-token divergence)
         student, teacher, weight, bias, dh, dw, db, grad_weights = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs
-        if need_dw or need_db:
-            factor = proportional_factor(grad_loss, grad_weights) if ctx.head_in_forward else None
-            if factor is not None:  # the forward summed s * grad_loss: scale by s
+        factor = None if grad_weights is None else proportional_factor(grad_loss, grad_weights)
+        if factor is not None:  # the forward summed the gradient of (grad_loss / s): scale by s
+            if factor != 1.0:
                 dh, dw, db = (None if t is None else t * factor for t in (dh, dw, db))
-            else:  # not the gradient the forward expected (or none): sweep again with it
-                redo_dh = need_dh and ctx.head_in_forward  # that dh carries the expected weights
-                _, dh_again, dw, db = chunked_sweep(
-                    student, teacher, weight, bias, *ctx.sweep, want_dh=redo_dh,
-                    grad_weights=grad_loss, want_dw=need_dw, want_db=need_db,
-                )  # fmt: skip
-                dh = dh_again if redo_dh else (scale_rows(dh, grad_loss, dh.dtype) if need_dh else None)
+        elif grad_weights is not None or need_dw or need_db:
+            # Not the gradient the forward expected, or the head's gradients were left to now: a
+            # second sweep with w = grad_loss (dh from it too when the forward's was weighted).
+            redo_dh = need_dh and grad_weights is not None
+            _, dh_again, dw, db = chunked_sweep(
+                student, teacher, weight, bias, *ctx.sweep, want_dh=redo_dh,
+                grad_weights=grad_loss, want_dw=need_dw, want_db=need_db,
+            )  # fmt: skip
+            dh = dh_again if redo_dh else (scale_rows(dh, grad_loss, dh.dtype) if need_dh else None)
         elif need_dh:
             dh = scale_rows(dh, grad_loss, dh.dtype)
         return (

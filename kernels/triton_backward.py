@@ -352,7 +352,9 @@ def launch_backward(
             tiles_per_split = triton.cdiv(tiles, dh_splits(row_blocks, tiles, device))
             splits = triton.cdiv(tiles, tiles_per_split)
             split_args = (tiles_per_split * step, splits, split_group_rows(row_blocks, splits, device))
-            partial = torch.zeros((splits, num_tokens, hidden), dtype=torch.float32, device=device)  # [S, N, D]
+            partial = torch.zeros(
+                (splits, num_tokens, hidden), dtype=torch.float32, device=device
+            )  # [S, N, D]
             grid = (row_blocks * splits,)
             meta = launch_meta(config, device)
             if config.get("STAGE_V"):

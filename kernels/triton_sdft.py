@@ -106,6 +106,13 @@ def _check_inputs(
         fail(f"temperature must be a finite number > 0, got {temperature}")
     if grad_weights is not None and tuple(grad_weights.shape) != (student_hidden.shape[0],):
         fail(f"grad_weights must be [N={student_hidden.shape[0]}], got shape {tuple(grad_weights.shape)}")
+    if grad_weights is not None and (
+        not grad_weights.dtype.is_floating_point or grad_weights.device != student_hidden.device
+    ):
+        fail(
+            f"grad_weights must be a floating-point tensor on {student_hidden.device}, got dtype "
+            f"{grad_weights.dtype} on {grad_weights.device}"
+        )
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 0):
         fail(f"chunk_rows must be an int >= 0 (0: the fused kernels), got {chunk_rows!r}")
     device = student_hidden.device
@@ -138,10 +145,11 @@ def triton_token_losses(
 
     ``memory_budget_mb`` (None: ``gemm_sdft.default_memory_budget_mb``) picks the design (see
     the module doc). ``grad_weights``: the incoming gradient the caller expects per token, up to
-    one scalar (its reduction's coefficients); lets the 3-GEMM path sum dW and dbias in the
-    forward when the LM head trains (any other incoming gradient is still exact, at the cost of
-    a second sweep). ``chunk_rows`` overrides the budget (0: the fused kernels; k: 3-GEMM chunks
-    of k rows) and ``num_splits`` the fused forward's vocabulary splits (tests, benchmarks).
+    one scalar (its reduction's coefficients); lets the 3-GEMM path form the whole gradient in
+    the forward (dh in the input dtype, dW and dbias summed when the LM head trains); any other
+    incoming gradient is still exact, at the cost of a second sweep. ``chunk_rows`` overrides the
+    budget (0: the fused kernels; k: 3-GEMM chunks of k rows) and ``num_splits`` the fused
+    forward's vocabulary splits (tests, benchmarks).
     """
     alpha, temperature = float(alpha), float(temperature)
     _check_inputs(student_hidden, teacher_hidden, weight, bias, alpha, temperature, grad_weights, chunk_rows)
@@ -152,8 +160,9 @@ def triton_token_losses(
         return (student.sum(dim=1) * 0.0).float()  # [0], still attached to the graph
     if chunk_rows is None:
         chunk_rows = select_chunk_rows(
-            num_tokens, hidden, weight.shape[0], memory_budget_mb, student.device, student.dtype
-        )
+            num_tokens, hidden, weight.shape[0], memory_budget_mb, student.device, student.dtype,
+            weighted=grad_weights is not None,
+        )  # fmt: skip
     if chunk_rows > 0:
         return gemm_token_losses(
             student, teacher, weight.contiguous(), None if bias is None else bias.contiguous(),

@@ -353,10 +353,12 @@ def self_distill_loss(
         )
     else:
         grad_weights = None
-        head_trains = lm_head_weight.requires_grad or (
-            lm_head_bias is not None and lm_head_bias.requires_grad
+        wants_grad = (
+            student_hidden.requires_grad
+            or lm_head_weight.requires_grad
+            or (lm_head_bias is not None and lm_head_bias.requires_grad)
         )
-        if impl == "triton" and reduction != "none" and head_trains and torch.is_grad_enabled():
+        if impl == "triton" and reduction != "none" and wants_grad and torch.is_grad_enabled():
             grad_weights = _reduction_weights(tokens, reduction, out_dtype)
         per_token = _token_losses(
             h_s, h_t, lm_head_weight, lm_head_bias, float(alpha), float(temperature), impl, memory_budget_mb,
@@ -367,8 +369,9 @@ def self_distill_loss(
 
 def _reduction_weights(tokens: _Tokens, reduction: str, dtype: torch.dtype) -> torch.Tensor:
     """d(reduced loss)/d(per-token loss) of the counted tokens ([M]): the incoming gradient the
-    kernels can expect up to the reduced loss's own scalar gradient, so that the 3-GEMM path sums
-    dW in its forward. ``_reduce`` is linear: its gradient anywhere is these coefficients."""
+    kernels can expect up to the reduced loss's own scalar gradient, so that the 3-GEMM path forms
+    the whole gradient in its forward (dh, and dW when the head trains). ``_reduce`` is linear:
+    its gradient anywhere is these coefficients."""
     probe = torch.zeros(tokens.counted_idx.numel(), dtype=dtype, device=tokens.counted_idx.device)
     probe.requires_grad_(True)
     (weights,) = torch.autograd.grad(_reduce(probe, tokens, reduction), probe)

@@ -13,6 +13,13 @@ def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or +-inf in ``t``. aminmax reads the tensor once without a temporary of its size
+    (isfinite(W) would materialise a bool [V, D]: more than the fused loss's whole working
+    memory); a NaN or an inf shows in its min or max."""
+    return t.numel() == 0 or all(bool(torch.isfinite(x)) for x in torch.aminmax(t))
+
+
 def check_hidden_and_head(
     student_hidden, teacher_hidden, weight, bias, *, check_finite=True, teacher_dim=None, teacher_dtype=None
 ):
@@ -80,7 +87,7 @@ def check_hidden_and_head(
     if check_finite:
         # The LM head too: a NaN in W turns every logit of its row into NaN, and the loss with it.
         for name, t in named:
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 raise ValueError(f"{name} ({describe(t)}) contains {bad} NaN/inf values")
 
@@ -122,7 +129,7 @@ def check_teacher_head(student_weight, student_bias, teacher_weight, teacher_bia
         if t is not None and t.device != student_weight.device:
             raise ValueError(f"{name} is on {t.device} but lm_head_weight is on {student_weight.device}")
     for name, t in (("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)):
-        if t is not None and not bool(torch.isfinite(t).all()):
+        if t is not None and not all_finite(t):
             raise ValueError(
                 f"{name} ({describe(t)}) contains {int((~torch.isfinite(t)).sum())} NaN/inf values"
             )

@@ -130,6 +130,19 @@ def test_full_fine_tuning_dw_and_dbias(dtype, alpha, proportional):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("proportional", [True, False])
+def test_frozen_head_with_grad_weights(dtype, proportional):
+    """With grad_weights the forward stores the weighted dh in the input dtype; the backward
+    scales it by s (here 2, a power of two: exact) or sweeps again for another gradient."""
+    student, teacher, weight, _ = make_inputs(19, 20, 130, dtype, "close", seed=6)
+    grad_out = incoming_gradient(19, seed=4)
+    expected = grad_out * 0.5 if proportional else torch.rand(19, generator=torch.Generator().manual_seed(9))
+    assert_within_budget(
+        student, teacher, weight, None, grad_out, alpha=0.5, chunk_rows=8, grad_weights=expected.to(DEVICE)
+    )
+
+
 def test_head_gradients_without_grad_weights():
     """No expected gradient (reduction="none"): dW and dbias come from the backward's sweep."""
     student, teacher, weight, bias = make_inputs(11, 20, 100, torch.float32, "close", bias=True, seed=9)

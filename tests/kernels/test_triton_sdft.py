@@ -285,6 +285,9 @@ def test_empty_batch():
         (dict(alpha=1.5), "alpha"),
         (dict(temperature=0.0), "temperature"),
         (dict(student=torch.zeros(6, 8, 1)), "student_hidden must be"),
+        (dict(grad_weights=torch.ones(5)), "grad_weights must be"),
+        (dict(grad_weights=torch.ones(6, dtype=torch.long)), "grad_weights must be a floating-point"),
+        (dict(chunk_rows=-1), "chunk_rows must be"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(change, match):
@@ -298,10 +301,11 @@ def test_bad_inputs_raise_clear_errors(change, match):
     )
     args.update(change)
     on_device = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    extra = {k: on_device[k] for k in ("grad_weights", "chunk_rows") if k in on_device}
     with pytest.raises(ValueError, match=match):
-        fused_token_losses(
+        triton_token_losses(
             on_device["student"], on_device["teacher"], on_device["weight"], on_device["bias"],
-            alpha=on_device["alpha"], temperature=on_device["temperature"],
+            alpha=on_device["alpha"], temperature=on_device["temperature"], **extra,
         )  # fmt: skip
 
 
