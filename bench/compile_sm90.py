@@ -143,7 +143,10 @@ def variants():
                     flags.update(STAGE_V=cfg["STAGE_V"], BLOCK_DH=cfg["BLOCK_DH"])
                     name = f"dh staged mode={mode} cfg{index} {blocks} STAGE_V={cfg['STAGE_V']}"
                 else:
-                    kernel, name = triton_backward._sdft_grad_hidden_kernel, f"dh direct mode={mode} cfg{index} {blocks}"
+                    kernel, name = (
+                        triton_backward._sdft_grad_hidden_kernel,
+                        f"dh direct mode={mode} cfg{index} {blocks}",
+                    )
                 yield name, kernel, dtype, flags, cfg["num_warps"], cfg["num_stages"]
             cfg = triton_configs.CUDA_CONFIGS["grad_weight"][0]
             blocks = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")}
@@ -176,7 +179,9 @@ def variants():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default="", help="compile the variants whose name contains this")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, target {TARGET}")

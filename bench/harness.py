@@ -92,6 +92,45 @@ def time_median(fn, device: str, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def time_interleaved(steps: dict, repeats: int, device: str, warmup: int = 1) -> dict:
+    """Milliseconds of every ``steps[name]()`` call over ``repeats`` rounds in interleaved order.
+
+    Each round runs every step once, starting one further along the list each round, so that
+    clock and thermal drift fall on all contenders alike. CUDA: CUDA events around each call;
+    CPU: wall time (dry runs). Returns {name: [ms per round]}.
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    synchronize(device)
+    times = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                steps[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages and the core count, for a CPU measurement's record."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.1f}/{five:.1f}/{fifteen:.1f} on {os.cpu_count()} cores"
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's peak-RSS high-water mark (Linux: write 5 to /proc/self/clear_refs)."""
     try:
