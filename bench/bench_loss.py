@@ -9,8 +9,6 @@ Contenders (gradient w.r.t. the student hidden states; with --head also w.r.t. t
   ours_gemm       the 3-GEMM path with chunks of --chunk-rows tokens (CUDA only)
   ours_fused      the fused kernels (chunk_rows=0) (CUDA only)
   ours_torch      sdft_fast.self_distill_loss(impl="torch"): the chunked PyTorch twin
-  ours_torch_gemm the 3-GEMM chunk loop with the PyTorch row twin (``torch_rows``), chunks from
-                  the budget (CPU candidate)
 
 Shapes are named after models (D, V). CUDA: all contenders share one set of inputs; each one's
 peak is torch.cuda.max_memory_allocated above the inputs during its first step, and the times
@@ -56,7 +54,6 @@ METHODS = [
     "ours_gemm",
     "ours_fused",
     "ours_torch",
-    "ours_torch_gemm",
 ]
 CUDA_ONLY = {"liger_fused", "ours_triton", "ours_gemm", "ours_fused"}
 CUDA_DEFAULT = ["naive", "liger_chunked", "liger_fused", "ours_triton", "ours_gemm", "ours_fused"]
@@ -105,17 +102,6 @@ def loss_function(method, inputs, alpha, chunk_rows, memory_budget_mb):
         return lambda: triton_token_losses(
             h_s, h_t, weight, alpha=alpha, chunk_rows=rows, grad_weights=grad_weights
         ).mean()
-    if method == "ours_torch_gemm":
-        from sdft_kernels.gemm_sdft import chunk_rows_for_budget, default_memory_budget_mb, gemm_token_losses
-        from sdft_kernels.torch_rows import torch_rows_step
-
-        budget = memory_budget_mb or default_memory_budget_mb(n, h_s.shape[1], weight.shape[0])
-        rows = max(1, min(n, chunk_rows_for_budget(n, h_s.shape[1], weight.shape[0], budget)))
-        grad_weights = torch.full((n,), 1.0 / n, device=h_s.device) if weight.requires_grad else None
-        return lambda: gemm_token_losses(
-            h_s, h_t, weight, None, alpha=alpha, temperature=1.0, rows=rows, row_step=torch_rows_step,
-            split_g=False, grad_weights=grad_weights,
-        ).mean()  # fmt: skip
     if method == "liger_chunked":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -318,10 +304,10 @@ def main(argv=None):
 
     if args.goal:
         shapes, tokens, dtype_name = ["Qwen2.5-0.5B"], [4096], "fp32"
-        methods = ["ours_torch", "ours_torch_gemm"]
+        methods = ["ours_torch"]
     elif args.quick:
         shapes, tokens, dtype_name = ["SmolLM2-135M"], [1024], "fp32"
-        methods = ["naive", "liger_chunked", "ours_torch", "ours_torch_gemm"]
+        methods = ["naive", "liger_chunked", "ours_torch"]
     elif args.device == "cuda":  # the goal case (7B shape, N=8192) first, in case time runs out
         shapes, tokens, dtype_name = (
             ["Qwen2.5-7B", "Qwen2.5-0.5B", "SmolLM2-135M"],
@@ -331,7 +317,7 @@ def main(argv=None):
         methods = CUDA_DEFAULT
     else:
         shapes, tokens, dtype_name = ["SmolLM2-135M", "Qwen2.5-0.5B"], [1024, 4096], "fp32"
-        methods = ["naive", "liger_chunked", "ours_torch", "ours_torch_gemm"]
+        methods = ["naive", "liger_chunked", "ours_torch"]
     shapes, tokens = args.shapes or shapes, args.tokens or tokens
     dtype_name = args.dtype or dtype_name
     methods = args.methods or methods
