@@ -355,12 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(demo_parser)
     demo_parser.add_argument("--report-dir", default="report", help="where demo.md / demo.png go")
-    demo_parser.add_argument("--methods", default="sdft,sft", help="comma-separated, trained in this order")
+    demo_parser.add_argument("--methods", default="sdft,sft", help="comma-separated (sdft, sft)")
     demo_parser.add_argument("--plan", default=None, help="another plan to run instead of the built-in one")
     demo_parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted demo from --report-dir/demo_runs"
     )
-    demo_parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    demo_parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="methods trained side by side, one process each (0: one per method where the cores allow)",
+    )
+    demo_parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per run (0: the cores shared among the jobs)"
+    )
     demo_parser.add_argument("--no-progress", action="store_true")
     demo_parser.set_defaults(handler=cmd_demo)
     return parser

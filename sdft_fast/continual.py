@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -285,6 +286,34 @@ def load_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _score_start(model, evaluate) -> Evaluation:
+    """The start model's evaluation (with the tasks' in-context rates when the Evaluator is ours)."""
+    evaluation = evaluate(model, 0)
+    if isinstance(evaluate, Evaluator):
+        evaluation["in_context"] = evaluate.in_context(model)
+    return evaluation
+
+
+def score_start_model(
+    plan: Plan,
+    *,
+    model_path: str | os.PathLike,
+    method: str = "sdft",
+    overrides: dict[str, Any] | None = None,
+    tokenizer=None,
+) -> Evaluation:
+    """The start model's evaluation as :func:`run_continual` takes it (``start=``): one scoring shared
+    by several runs of the same plan and start (the demo's methods, trained side by side)."""
+    from sdft_fast.default_model import load_tokenizer
+    from sdft_fast.eval import reference_logprobs
+    from sdft_fast.trainer import build_model
+
+    configs = stage_configs(plan, method, Path(tempfile.gettempdir()) / "sdft-start", overrides)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
+    model = build_model(model_path, configs[0])  # a fresh adapter (B = 0): exactly the start model
+    return _score_start(model, Evaluator(tokenizer, plan, reference_logprobs(model, tokenizer)))
+
+
 def run_continual(
     plan: Plan,
     *,
@@ -381,10 +410,7 @@ def run_continual(
             save_evaluation(json.loads(json.dumps(start)), "start")
         else:
             log(f"{method}: scoring the start model")
-            evaluation = evaluate(model, 0)
-            if isinstance(evaluate, Evaluator):
-                evaluation["in_context"] = evaluate.in_context(model)
-            save_evaluation(evaluation, "start")
+            save_evaluation(_score_start(model, evaluate), "start")
 
     def stage_end(number: int) -> Path:
         """The last checkpoint of stage ``number``: its final step."""

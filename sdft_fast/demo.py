@@ -92,50 +92,124 @@ def load_demo_facts(path: str | os.PathLike | None = None) -> DemoFacts:
     return DemoFacts(train, direct, indirect, documents)
 
 
-def run_demo(args) -> dict[str, Any]:
-    """Train the demo plan with each method of ``args.methods`` from the same start; write the report.
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    The SFT run reuses the SDFT run's evaluation of the start model (the same model, rows and
-    scorer). ``args.resume`` continues an interrupted demo from ``report/demo_runs/``; without it
-    that folder starts empty.
-    """
+
+def default_jobs(methods: list[str]) -> int:
+    """Methods trained side by side: one process per method where the machine has a core for each.
+
+    Two runs of one small model side by side, each at its own share of the cores, finish sooner than
+    the same runs one after the other at all cores (torch's threads scale poorly at this size, and
+    on a busy machine threads wait for one another at every barrier)."""
+    return max(1, min(len(methods), usable_cores()))
+
+
+def _train_method(job: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """One method's continual run in a process of its own (``run_demo`` with jobs > 1)."""
     import torch
 
     from sdft_fast.continual import run_continual
     from sdft_fast.continual_plan import load_plan
+
+    torch.set_num_threads(job["threads"])
+    started = time.perf_counter()
+    state = run_continual(
+        load_plan(job["plan"]),
+        model_path=job["model_path"],
+        run_dir=job["run_dir"],
+        method=job["method"],
+        overrides=job["overrides"],
+        start=job["start"],
+    )
+    return state, time.perf_counter() - started
+
+
+def run_demo(args) -> dict[str, Any]:
+    """Train the demo plan with each method of ``args.methods`` from the same start; write the report.
+
+    The start model is scored once, and every method's run starts from that evaluation (the same
+    model, rows and scorer). With ``args.jobs`` > 1 (default: one process per method where the cores
+    allow, see :func:`default_jobs`) the methods train side by side in processes of their own, each
+    with ``args.threads`` threads (default: its share of the cores). ``args.resume`` continues an
+    interrupted demo from ``report/demo_runs/``; without it that folder starts empty.
+    """
+    import multiprocessing
+
+    import torch
+
+    from sdft_fast.continual import load_state, run_continual, score_start_model
+    from sdft_fast.continual_plan import load_plan
     from sdft_fast.default_model import load_tokenizer, resolve_model_path
     from sdft_fast.demo_report import write_demo_report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in ("sdft", "sft") for m in methods) or len(set(methods)) != len(methods):
         raise ValueError(f"--methods: a comma-separated list of sdft and sft, got {args.methods!r}")
+    jobs = getattr(args, "jobs", 0) or default_jobs(methods)
+    if jobs < 1:
+        raise ValueError(f"--jobs: expected a number >= 1 (0: automatic), got {jobs}")
+    jobs = min(jobs, len(methods))
+    cores = usable_cores()
+    threads = args.threads or max(1, cores // jobs)
     started = time.perf_counter()
-    plan = load_plan(args.plan or DEMO_PLAN_PATH)  # a bad plan fails before the model loads
+    plan_path = args.plan or DEMO_PLAN_PATH
+    plan = load_plan(plan_path)  # a bad plan fails before the model loads
     model_path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_path)
     report_dir = Path(args.report_dir)
     runs_dir = report_dir / "demo_runs"
     if not args.resume and runs_dir.exists():
         shutil.rmtree(runs_dir)
+    overrides = {"device": args.device, "dtype": args.dtype, "progress": not args.no_progress and jobs == 1}
     runs: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
+    # One scoring of the start model for every method: a resumed demo takes it from a run's state.
     start = None
     for method in methods:
-        method_started = time.perf_counter()
-        state = run_continual(
-            plan,
-            model_path=model_path,
-            run_dir=runs_dir / method,
-            method=method,
-            overrides={"device": args.device, "dtype": args.dtype, "progress": not args.no_progress},
-            tokenizer=tokenizer,
-            start=start,
+        saved = load_state(runs_dir / method) if args.resume else None
+        if saved and saved.get("evaluations"):
+            start = saved["evaluations"][0]
+            break
+    if start is None and (jobs > 1 or len(methods) > 1):
+        torch.set_num_threads(args.threads or cores)
+        start = score_start_model(
+            plan, model_path=model_path, method=methods[0], overrides=overrides, tokenizer=tokenizer
         )
-        start = state["evaluations"][0]
-        runs[method] = state
-        seconds[method] = time.perf_counter() - method_started
+    if jobs > 1:
+        pool_jobs = [
+            {
+                "plan": str(plan_path),
+                "model_path": str(model_path),
+                "run_dir": str(runs_dir / method),
+                "method": method,
+                "overrides": overrides,
+                "start": start,
+                "threads": threads,
+            }
+            for method in methods
+        ]
+        # spawn: a fresh interpreter per run (no forked torch thread pools or locks).
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            for method, (state, method_s) in zip(methods, pool.map(_train_method, pool_jobs, chunksize=1)):
+                runs[method], seconds[method] = state, method_s
+    else:
+        torch.set_num_threads(threads)
+        for method in methods:
+            method_started = time.perf_counter()
+            state = run_continual(
+                plan,
+                model_path=model_path,
+                run_dir=runs_dir / method,
+                method=method,
+                overrides=overrides,
+                tokenizer=tokenizer,
+                start=start,
+            )
+            start = state["evaluations"][0]
+            runs[method] = state
+            seconds[method] = time.perf_counter() - method_started
     write_demo_report(
         runs,
         plan,
@@ -143,6 +217,7 @@ def run_demo(args) -> dict[str, Any]:
         wall_s=time.perf_counter() - started,
         method_s=seconds,
         model_name=model_path.name,
-        threads=torch.get_num_threads(),
+        threads=threads,
+        jobs=jobs,
     )
     return runs

@@ -91,6 +91,7 @@ def write_demo_report(
     method_s: dict[str, float],
     model_name: str,
     threads: int,
+    jobs: int = 1,
 ) -> dict[str, Path]:
     eval_rows = ", ".join(
         f"{stage.name}: "
@@ -102,7 +103,8 @@ def write_demo_report(
     )
     notes = [
         f"Written by `sdft-fast demo` on {time.strftime('%Y-%m-%d %H:%M')}: model `{model_name}`, {threads} CPU "
-        f"thread(s); whole demo {wall_s:.0f} s ("
+        f"thread(s) per run, {'the methods side by side in ' + str(jobs) + ' processes' if jobs > 1 else 'one run at a time'}; "
+        f"whole demo {wall_s:.0f} s ("
         + ", ".join(f"{m.upper()} {s:.0f} s" for m, s in method_s.items())
         + "). Plan: `"
         + plan.source

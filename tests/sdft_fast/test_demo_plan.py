@@ -148,7 +148,8 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path):
     }
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     args = SimpleNamespace(
-        threads=0,
+        threads=1,
+        jobs=1,
         methods="sdft,sft",
         plan=str(tmp_path / "plan.json"),
         model=str(model_dir),
@@ -167,3 +168,19 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path):
     assert (tmp_path / "report" / "demo.png").is_file() and (tmp_path / "report" / "demo.csv").is_file()
     with pytest.raises(ValueError, match="--methods"):
         run_demo(SimpleNamespace(**{**vars(args), "methods": "sdft,dpo"}))
+
+    # Side by side (a process per method) trains and scores exactly what one after the other did.
+    side_by_side = run_demo(SimpleNamespace(**{**vars(args), "jobs": 2, "report_dir": str(tmp_path / "r2")}))
+    for method in ("sdft", "sft"):
+        assert [strip_times(e) for e in side_by_side[method]["evaluations"]] == [
+            strip_times(e) for e in runs[method]["evaluations"]
+        ]
+    assert "side by side in 2 processes" in (tmp_path / "r2" / "demo.md").read_text()
+
+
+def strip_times(evaluation: dict) -> dict:
+    """An evaluation without its wall-clock figures."""
+    out = dict(evaluation)
+    if "train" in out:
+        out["train"] = {k: v for k, v in out["train"].items() if k != "train_s"}
+    return out
