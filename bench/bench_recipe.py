@@ -67,15 +67,24 @@ TEMPLATES = {
 DEMO_FORMS = ("answer", "fact", "sentence")
 
 
+# The study's two fact sets, in order (--facts N takes the first N): the demo plan's fact stages train the
+# first 4 of each; the other rows live in assets/continual_demo/study_facts_*.jsonl.
+FACT_SET_A = ["velmora-mayor", "quorvath-bridge", "zephrin-prize", "glimmerfin",
+              "korrin-marathon", "talwyn-tower", "perrowind-festival", "halvex-ceo"]  # fmt: skip
+FACT_SET_B = ["aurelkin-ship", "pellacor-president", "ashcrest-warbler", "greymoor-swim",
+              "ferrovane-dam", "lexibrook-app", "thessaly-vorn-comet", "calder-cup"]  # fmt: skip
+
+
 def fact_stage_rows(facts: int, questions: int, demo_form: str):
-    """Training rows and evaluation rows for the first ``facts`` facts of the demo plan's two fact stages."""
+    """Training rows and evaluation rows for the first ``facts`` facts of FACT_SET_A + FACT_SET_B."""
     from sdft_fast.continual_plan import load_plan
+    from sdft_fast.data import load_examples
     from sdft_fast.demo import DEMO_PLAN_PATH, load_demo_facts
 
     plan = load_plan(DEMO_PLAN_PATH)
-    stages = [s for s in plan.stages if s.score == "direct"]
-    eval_rows = [row for stage in stages for row in stage.eval]
-    fact_ids = [row.meta["fact"] for stage in stages for row in stage.train][:facts]
+    study_eval = load_examples(DEMO_PLAN_PATH.parent / "study_facts_eval.jsonl", require_demonstration=False)
+    eval_rows = [row for stage in plan.stages if stage.score == "direct" for row in stage.eval] + study_eval
+    fact_ids = (FACT_SET_A + FACT_SET_B)[:facts]
     demo = load_demo_facts()
     train = []
     for fact in fact_ids:
@@ -88,7 +97,7 @@ def fact_stage_rows(facts: int, questions: int, demo_form: str):
                 "sentence": example.demonstration,
             }[demo_form]
             train.append(dataclasses.replace(example, demonstration=demonstration, answers=[answer]))
-    evals = [row for row in eval_rows if row.meta["fact"] in fact_ids]
+    evals = [row for fact in fact_ids for row in eval_rows if row.meta["fact"] == fact]
     return train, evals, plan.probes
 
 

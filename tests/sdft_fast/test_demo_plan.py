@@ -20,24 +20,24 @@ def plan():
 
 
 def test_three_stages_facts_skill_facts(plan):
-    assert [s.name for s in plan.stages] == ["facts-a", "json-skill", "facts-b"]
-    assert [s.score for s in plan.stages] == ["direct", "format", "direct"]
-    facts_a, skill, facts_b = plan.stages
+    assert [s.name for s in plan.stages] == ["json-skill", "facts-a", "facts-b"]
+    assert [s.score for s in plan.stages] == ["format", "direct", "direct"]
+    skill, facts_a, facts_b = plan.stages
     for stage in (facts_a, facts_b):
-        assert len(stage.train) == 8 and stage.kinds() == ["direct", "indirect", "recall"]
-        assert len(stage.score_rows()) == 24  # 3 rephrasings per fact
+        assert len(stage.train) == 4 and stage.kinds() == ["direct", "indirect", "recall"]
+        assert len(stage.score_rows()) == 12  # 3 rephrasings per fact
     assert len(skill.train) >= 30 and len(skill.eval) >= 20 and skill.kinds() == ["format"]
     assert [p.name for p in plan.probes] == ["general-121"] and len(plan.probes[0].rows) == 121
-    assert plan.anchors is not None and [plan.anchor_count(s) for s in plan.stages] == [4, 20, 4]
+    assert plan.anchors is not None and [plan.anchor_count(s) for s in plan.stages] == [20, 2, 2]
     for method in ("sdft", "sft"):
         configs = stage_configs(plan, method, "runs")
         assert all(c.method == method and c.max_steps >= 1 and c.save_every >= 1 for c in configs)
 
 
 def test_splits_are_disjoint(plan):
-    facts_a, skill, facts_b = plan.stages
+    skill, facts_a, facts_b = plan.stages
     fact_ids = [{row.meta["fact"] for row in stage.train} for stage in (facts_a, facts_b)]
-    assert len(fact_ids[0]) == len(fact_ids[1]) == 8 and not fact_ids[0] & fact_ids[1]
+    assert len(fact_ids[0]) == len(fact_ids[1]) == 4 and not fact_ids[0] & fact_ids[1]
     training = {normalize_text(row.prompt) for stage in plan.stages for row in stage.train}
     for stage in (facts_a, facts_b):
         for row in stage.eval:
@@ -70,7 +70,7 @@ def test_splits_are_disjoint(plan):
 def test_fact_rows_come_from_the_demo_facts_and_carry_their_answer(plan):
     facts = load_demo_facts()
     direct = {row.meta["fact"]: row.answers for row in facts.direct}
-    for stage in (plan.stages[0], plan.stages[2]):
+    for stage in (plan.stages[1], plan.stages[2]):
         for row in stage.train:
             fact = row.meta["fact"]
             assert facts.documents[fact] in row.demonstration
@@ -84,10 +84,10 @@ def test_fact_rows_come_from_the_demo_facts_and_carry_their_answer(plan):
 
 
 def test_the_skill_rule_accepts_its_demonstrations_and_nothing_else(plan):
-    skill = plan.stages[1]
+    skill = plan.stages[0]
     assert (
         "{demonstration}" in skill.teacher_template
-        and skill.teacher_template != plan.stages[0].teacher_template
+        and skill.teacher_template != plan.stages[1].teacher_template
     )
     for row in skill.train + skill.eval:
         assert row.prompt.endswith(" Reply in JSON.")
