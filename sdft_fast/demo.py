@@ -1,9 +1,10 @@
 """The built-in demo: the paper's continual-learning result, small.
 
-``sdft-fast demo`` trains the built-in three-stage plan (``assets/continual_demo/plan.yaml``: 8
-fictional facts, then a skill the start model lacks but performs with a demonstration in context,
-then 8 other facts) on the embedded SmolLM2-135M-Instruct, once with SDFT and once with SFT from
-the same start, through :func:`sdft_fast.continual.run_continual`. It writes ``report/demo.md`` and
+``sdft-fast demo`` trains the built-in three-stage plan (``assets/continual_demo/plan.yaml``: a
+skill the start model lacks but performs with a demonstration in context, then 4 fictional facts,
+then 4 other facts) on the embedded SmolLM2-135M-Instruct, once with SDFT and once with SFT from
+the same start (side by side where the cores allow), through
+:func:`sdft_fast.continual.run_continual`. It writes ``report/demo.md`` and
 ``report/demo.png``: each method's accuracy matrix (after stage i, task j), ACC / BWT / FWT, the
 retention probes and the drift from the start model per stage (plus ``demo.csv``, the matrices as
 CSV and each reply under ``report/demo_runs/<method>/answers/``). The plan's comments say where each
@@ -139,7 +140,7 @@ def run_demo(args) -> dict[str, Any]:
 
     import torch
 
-    from sdft_fast.continual import load_state, run_continual, score_start_model
+    from sdft_fast.continual import load_state, log, run_continual, score_start_model
     from sdft_fast.continual_plan import load_plan
     from sdft_fast.default_model import load_tokenizer, resolve_model_path
     from sdft_fast.demo_report import write_demo_report
@@ -174,6 +175,7 @@ def run_demo(args) -> dict[str, Any]:
             break
     if start is None and (jobs > 1 or len(methods) > 1):
         torch.set_num_threads(args.threads or cores)
+        log(f"scoring the start model once for {', '.join(methods)}")
         start = score_start_model(
             plan, model_path=model_path, method=methods[0], overrides=overrides, tokenizer=tokenizer
         )
