@@ -108,7 +108,7 @@ def default_jobs(methods: list[str]) -> int:
 
 
 def _train_method(job: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    """One method's continual run in a process of its own (``run_demo`` with jobs > 1)."""
+    """One method's continual run: in this process, or in a pool worker of its own (jobs > 1)."""
     import torch
 
     from sdft_fast.continual import run_continual
@@ -140,7 +140,7 @@ def run_demo(args) -> dict[str, Any]:
 
     import torch
 
-    from sdft_fast.continual import load_state, log, run_continual, score_start_model
+    from sdft_fast.continual import load_state, log, score_start_model
     from sdft_fast.continual_plan import load_plan
     from sdft_fast.default_model import load_tokenizer, resolve_model_path
     from sdft_fast.demo_report import write_demo_report
@@ -179,39 +179,26 @@ def run_demo(args) -> dict[str, Any]:
         start = score_start_model(
             plan, model_path=model_path, method=methods[0], overrides=overrides, tokenizer=tokenizer
         )
+    method_jobs = [
+        {
+            "plan": str(plan_path),
+            "model_path": str(model_path),
+            "run_dir": str(runs_dir / method),
+            "method": method,
+            "overrides": overrides,
+            "start": start,
+            "threads": threads,
+        }
+        for method in methods
+    ]
     if jobs > 1:
-        pool_jobs = [
-            {
-                "plan": str(plan_path),
-                "model_path": str(model_path),
-                "run_dir": str(runs_dir / method),
-                "method": method,
-                "overrides": overrides,
-                "start": start,
-                "threads": threads,
-            }
-            for method in methods
-        ]
         # spawn: a fresh interpreter per run (no forked torch thread pools or locks).
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            for method, (state, method_s) in zip(methods, pool.map(_train_method, pool_jobs, chunksize=1)):
-                runs[method], seconds[method] = state, method_s
+            results = pool.map(_train_method, method_jobs, chunksize=1)
     else:
-        torch.set_num_threads(threads)
-        for method in methods:
-            method_started = time.perf_counter()
-            state = run_continual(
-                plan,
-                model_path=model_path,
-                run_dir=runs_dir / method,
-                method=method,
-                overrides=overrides,
-                tokenizer=tokenizer,
-                start=start,
-            )
-            start = state["evaluations"][0]
-            runs[method] = state
-            seconds[method] = time.perf_counter() - method_started
+        results = [_train_method(job) for job in method_jobs]
+    for method, (state, method_s) in zip(methods, results):
+        runs[method], seconds[method] = state, method_s
     write_demo_report(
         runs,
         plan,
