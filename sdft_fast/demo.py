@@ -142,7 +142,7 @@ def run_demo(args) -> dict[str, Any]:
 
     from sdft_fast.continual import load_state, log, score_start_model
     from sdft_fast.continual_plan import load_plan
-    from sdft_fast.default_model import load_tokenizer, resolve_model_path
+    from sdft_fast.default_model import resolve_model_path
     from sdft_fast.demo_report import write_demo_report
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -158,7 +158,6 @@ def run_demo(args) -> dict[str, Any]:
     plan_path = args.plan or DEMO_PLAN_PATH
     plan = load_plan(plan_path)  # a bad plan fails before the model loads
     model_path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(model_path)
     report_dir = Path(args.report_dir)
     runs_dir = report_dir / "demo_runs"
     if not args.resume and runs_dir.exists():
@@ -176,9 +175,7 @@ def run_demo(args) -> dict[str, Any]:
     if start is None and (jobs > 1 or len(methods) > 1):
         torch.set_num_threads(args.threads or cores)
         log(f"scoring the start model once for {', '.join(methods)}")
-        start = score_start_model(
-            plan, model_path=model_path, method=methods[0], overrides=overrides, tokenizer=tokenizer
-        )
+        start = score_start_model(plan, model_path=model_path, method=methods[0], overrides=overrides)
     method_jobs = [
         {
             "plan": str(plan_path),

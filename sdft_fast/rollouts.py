@@ -103,6 +103,13 @@ def split_by_sequence(values: torch.Tensor, sequence_ids: torch.Tensor, num_sequ
     return torch.split(values, counts)
 
 
+def off_policy_mask(config: TrainConfig, from_teacher: list[bool]) -> list[bool]:
+    """Which rollouts the student's current policy did not sample: those under the teacher prompt,
+    or all of them when the teacher's weights sample (``rollout_model``). They take importance
+    weight 1 (TRL's rule for teacher-prompt rollouts) and need no sampling log-probs."""
+    return [True] * len(from_teacher) if config.rollout_model != "student" else list(from_teacher)
+
+
 class RolloutSampler:
     """Samples a step's rollouts from the model for the trainer (one per rank)."""
 
@@ -154,8 +161,7 @@ class RolloutSampler:
                 )
             )
         rollout_logprobs = None
-        # The teacher's weights sampled every rollout: all off-policy (weight 1, as teacher-prompt ones).
-        off_policy = [True] * len(completions) if config.rollout_model != "student" else from_teacher
+        off_policy = off_policy_mask(config, from_teacher)
         if config.num_iterations > 1:
             # The policy that sampled the rollouts, for the importance ratios of later passes. Rollouts
             # from the teacher prompt are off-policy by design and get none (weight 1, as in TRL).

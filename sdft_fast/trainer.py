@@ -65,7 +65,7 @@ from sdft_fast.lora import LoraConfig
 from sdft_fast.loss import linear_cross_entropy, reduce_token_losses, self_distill_loss, token_logprobs
 from sdft_fast.model import PairBatch, SelfDistillModel
 from sdft_fast.precision import MixedPrecision
-from sdft_fast.rollouts import Rollouts, RolloutSampler, micro_batches
+from sdft_fast.rollouts import Rollouts, RolloutSampler, micro_batches, off_policy_mask
 from sdft_fast.sampling import pad_token_id, stop_token_ids
 from sdft_fast.schedule import DataCursor, make_optimizer, planned_steps
 from sdft_fast.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint
@@ -222,13 +222,12 @@ class Trainer:
                     out.targets,
                     temperature=config.temperature,
                 )  # [N]
-                # Off-policy rollouts (the teacher prompt's, or the teacher weights') take the current
-                # log-probs as their own: ratio 1.
-                off_policy = config.rollout_model != "student"
+                # Off-policy rollouts take the current log-probs as their own: ratio 1.
+                off_policy = off_policy_mask(config, from_teacher)
                 logp_rollout = torch.cat(
                     [
                         logp_now[out.sequence_ids == row].float()
-                        if from_teacher[j] or off_policy
+                        if off_policy[j]
                         else torch.tensor(rollout_logprobs[j], dtype=torch.float32, device=logp_now.device)
                         for row, j in enumerate(keep)
                     ]
