@@ -7,7 +7,8 @@ default) for a fixed budget of rollouts per fact, and scores it the same way eve
     indirect  the reverse relation (1 per fact)                     - can it use it?
     recall    the training questions themselves (1 per fact)
     probes    general questions the start model answers: the 121 of assets/general_probes.jsonl
-              (all correct at the start) and the 40 built-in retention probes
+              (all correct at the start), the 40 built-in retention probes, and robust-111
+              (assets/robust_probes.jsonl: those of both that survive random perturbations)
     kl, dnll  KL(trained || start) per token and the NLL increase of the start model's own answers on
               general prompts (sdft_fast.eval.drift_from_reference)
 
@@ -27,7 +28,7 @@ rollouts_per_fact x facts / batch_size):
                                       the demo's answer sentence
     --template trl|paper|fact-first   "{prompt}\\n\\n{demonstration}" | the paper's wording | fact first, one sentence
     --lr, --teacher base|ema|live, --ema-rate, --skip-tokens, --num-generations (rollouts per prompt),
-    --temperature, --rollout-source student|teacher|mix, --teacher-rollout-fraction,
+    --temperature, --top-p, --min-lr-ratio, --rollout-source student|teacher|mix, --teacher-rollout-fraction,
     --facts (1-16), --questions 1|2 (training questions per fact), --rollouts-per-fact, --method sdft|sft
 
 ``--peer`` reproduces the side-by-side of issue 8: 8 facts x 4 copies of one question, the answer-bearing
@@ -65,6 +66,8 @@ TEMPLATES = {
     "fact-first": "Fact: {demonstration}\n\nQuestion: {prompt}\nAnswer with one short sentence that uses the fact.",
 }
 DEMO_FORMS = ("answer", "fact", "sentence")
+# Probes the start model answers under every one of 8 random perturbations (bench/bench_probe_noise.py).
+ROBUST_PROBES = Path(__file__).resolve().parent.parent / "sdft_fast" / "assets" / "robust_probes.jsonl"
 
 
 # The study's two fact sets, in order (--facts N takes the first N): the demo plan's fact stages train the
@@ -75,8 +78,10 @@ FACT_SET_B = ["aurelkin-ship", "pellacor-president", "ashcrest-warbler", "greymo
               "ferrovane-dam", "lexibrook-app", "thessaly-vorn-comet", "calder-cup"]  # fmt: skip
 
 
-def fact_stage_rows(facts: int, questions: int, demo_form: str):
-    """Training rows and evaluation rows for the first ``facts`` facts of FACT_SET_A + FACT_SET_B."""
+def fact_stage_rows(facts: int, questions: int, demo_form: str, fact_set: str = "ab"):
+    """Training rows and evaluation rows for the first ``facts`` facts of FACT_SET_A + FACT_SET_B
+    (``fact_set`` "ab"), or of one of them ("a", "b": the demo's facts-a and facts-b stages are their
+    first 4)."""
     from sdft_fast.continual_plan import load_plan
     from sdft_fast.data import load_examples
     from sdft_fast.demo import DEMO_PLAN_PATH, load_demo_facts
@@ -84,7 +89,7 @@ def fact_stage_rows(facts: int, questions: int, demo_form: str):
     plan = load_plan(DEMO_PLAN_PATH)
     study_eval = load_examples(DEMO_PLAN_PATH.parent / "study_facts_eval.jsonl", require_demonstration=False)
     eval_rows = [row for stage in plan.stages if stage.score == "direct" for row in stage.eval] + study_eval
-    fact_ids = (FACT_SET_A + FACT_SET_B)[:facts]
+    fact_ids = {"ab": FACT_SET_A + FACT_SET_B, "a": FACT_SET_A, "b": FACT_SET_B}[fact_set][:facts]
     demo = load_demo_facts()
     train = []
     for fact in fact_ids:
@@ -112,10 +117,11 @@ def recipe_plan(args):
     from sdft_fast.demo import DEMO_PLAN_PATH
     from sdft_fast.eval import RETENTION_PROBES_PATH, retention_probes
 
-    train, evals, probes = fact_stage_rows(args.facts, args.questions, args.demo_form)
+    train, evals, probes = fact_stage_rows(args.facts, args.questions, args.demo_form, args.fact_set)
     template = TEMPLATES[args.template] or DEFAULT_TEACHER_TEMPLATE
     stage = Stage(name="facts", train=train, eval=evals, score="direct", teacher_template=template)
-    probes = [probes[0], ProbeSet("retention-40", retention_probes(), str(RETENTION_PROBES_PATH))]
+    robust = ProbeSet("robust-111", retention_probes(ROBUST_PROBES), str(ROBUST_PROBES))
+    probes = [probes[0], ProbeSet("retention-40", retention_probes(), str(RETENTION_PROBES_PATH)), robust]
     anchors = None
     if args.anchor_fraction > 0:
         anchors = dc.replace(load_plan(DEMO_PLAN_PATH).anchors, fraction=args.anchor_fraction)
@@ -153,6 +159,7 @@ def train_settings(args) -> dict:
         lora_targets=args.lora_targets,
         seed=args.seed,
         warmup_steps=args.warmup_steps,
+        min_lr_ratio=args.min_lr_ratio,
         optimizer=args.optimizer,
         adam_eps=args.adam_eps,
         momentum=args.momentum,
@@ -169,6 +176,7 @@ def train_settings(args) -> dict:
             skip_tokens=args.skip_tokens,
             num_generations=args.num_generations,
             temperature=args.temperature,
+            top_p=args.top_p,
             max_new_tokens=args.max_new_tokens,
             rollout_source=args.rollout_source,
             rollout_model=args.rollout_model,
@@ -237,6 +245,7 @@ def run_one(args) -> dict:
         "name": args.name,
         "method": args.method,
         "facts": args.facts,
+        "fact_set": args.fact_set,
         "questions": args.questions,
         "demo_form": args.demo_form,
         "template": args.template,
@@ -246,6 +255,7 @@ def run_one(args) -> dict:
         "skip_tokens": args.skip_tokens if args.method == "sdft" else "",
         "num_generations": args.num_generations if args.method == "sdft" else "",
         "temperature": args.temperature if args.method == "sdft" else "",
+        "top_p": args.top_p if args.method == "sdft" else "",
         "rollout_source": args.rollout_source if args.method == "sdft" else "",
         "teacher_rollout_fraction": args.teacher_rollout_fraction if args.rollout_source == "mix" else "",
         "max_new_tokens": args.max_new_tokens if args.method == "sdft" else "",
@@ -257,6 +267,7 @@ def run_one(args) -> dict:
         "adam_eps": args.adam_eps if args.optimizer == "adamw" else "",
         "momentum": args.momentum if args.optimizer == "sgd" else "",
         "warmup_steps": args.warmup_steps,
+        "min_lr_ratio": args.min_lr_ratio,
         "rollouts_per_fact": args.rollouts_per_fact,
         "steps": steps_for(args),
         "batch_size": args.batch_size,
@@ -336,7 +347,7 @@ def fair_sft(path: Path, sdft_name: str) -> None:
     if not sdft:
         raise SystemExit(f"{path}: no SDFT row named {sdft_name!r}")
     target = sdft[-1]
-    same = ("facts", "questions", "demo_form", "rollouts_per_fact", "batch_size")
+    same = ("facts", "fact_set", "questions", "demo_form", "rollouts_per_fact", "batch_size")
     candidates = sorted(
         (r for r in rows if r["method"] == "sft" and all(r[k] == target[k] for k in same)),
         key=lambda r: float(r["lr"]),
@@ -501,6 +512,10 @@ def main(argv=None) -> int:
         "--facts", type=int, default=8, help="facts per run (1-16, the demo's two fact stages)"
     )
     parser.add_argument(
+        "--fact-set", choices=("ab", "a", "b"), default="ab",
+        help="take the facts from both sets in order, or from set a or b only (1-8)",
+    )  # fmt: skip
+    parser.add_argument(
         "--questions", type=int, choices=(1, 2), default=1, help="training questions per fact"
     )
     parser.add_argument("--demo-form", choices=DEMO_FORMS, default="answer")
@@ -511,6 +526,10 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-tokens", type=int, default=0)
     parser.add_argument("--num-generations", type=int, default=1, help="rollouts per prompt")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+    parser.add_argument(
+        "--min-lr-ratio", type=float, default=0.0, help="cosine floor (1.0: constant lr after the warmup)"
+    )
     parser.add_argument("--rollout-source", choices=("student", "teacher", "mix"), default="student")
     parser.add_argument("--teacher-rollout-fraction", type=float, default=0.5)
     parser.add_argument(
@@ -561,6 +580,8 @@ def main(argv=None) -> int:
         if args.fair_sft:
             fair_sft(results, args.fair_sft)
         return 0
+    if args.fact_set != "ab" and args.facts > 8:
+        parser.error(f"--facts: set {args.fact_set} has 8 facts, got {args.facts}")
     if not 1 <= args.facts <= 16:
         parser.error("--facts must lie in 1..16 (the demo plan's two fact stages)")
     from sdft_fast.default_model import resolve_model_path

@@ -364,3 +364,37 @@ def test_anchor_rows_train_toward_the_start_model(
     loaded = load_plan(anchored)
     assert anchor_choice(loaded, 1, seed=0) == anchor_choice(loaded, 1, seed=0)
     assert sorted(anchor_choice(loaded, 1, seed=0)) != sorted(anchor_choice(loaded, 1, seed=1))
+
+
+def test_shared_questions_are_decoded_once_and_scored_per_row(plan_path, tokenizer, monkeypatch):
+    """A probe set that repeats another's questions (a subset) costs no extra decoding; each row is
+    still scored with its own accepted answers."""
+    import dataclasses
+
+    from sdft_fast.continual import Evaluator
+    from sdft_fast.continual_plan import ProbeSet
+    from sdft_fast.data import Example
+
+    full = [Example(prompt="What is 2+2?", demonstration="4", answers=["4"]),
+            Example(prompt="Capital of Peru?", demonstration="Lima", answers=["Lima"])]  # fmt: skip
+    subset = [Example(prompt="Capital of Peru?", demonstration="Lima", answers=["Cusco"])]
+    plan = dataclasses.replace(
+        load_plan(plan_path), probes=[ProbeSet("full", full, "full"), ProbeSet("subset", subset, "subset")]
+    )
+    decoded = []
+
+    def fake_decode(self, model, rows, **view):
+        decoded.extend(row.prompt for row in rows)
+        replies = {"What is 2+2?": "It is 4.", "Capital of Peru?": "Cusco, I think."}
+        records = [{"prediction": replies.get(row.prompt, "no idea"), "row": row.row} for row in rows]
+        for record, row in zip(records, rows):
+            record["correct"] = any(answer in record["prediction"] for answer in row.answers or [])
+        return {"records": records}
+
+    monkeypatch.setattr(Evaluator, "_decode_and_score", fake_decode)
+    monkeypatch.setattr(Evaluator, "in_context", lambda self, model, stages=None: {})
+    evaluation = Evaluator(tokenizer, plan)(model=None, after_stage=0)
+    prompts = [row.prompt for stage in plan.stages for row in stage.eval] + [row.prompt for row in full]
+    assert sorted(decoded) == sorted(set(prompts))  # each distinct question once
+    assert evaluation["probes"] == {"full": [1, 2], "subset": [1, 1]}
+    assert evaluation["records"]["probes:subset"][0]["prediction"] == "Cusco, I think."

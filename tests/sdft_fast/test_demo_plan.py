@@ -27,7 +27,8 @@ def test_three_stages_facts_skill_facts(plan):
         assert len(stage.train) == 4 and stage.kinds() == ["direct", "indirect", "recall"]
         assert len(stage.score_rows()) == 12  # 3 rephrasings per fact
     assert len(skill.train) >= 30 and len(skill.eval) >= 20 and skill.kinds() == ["format"]
-    assert [p.name for p in plan.probes] == ["general-121"] and len(plan.probes[0].rows) == 121
+    assert [p.name for p in plan.probes] == ["general-121", "robust-111"]
+    assert len(plan.probes[0].rows) == 121 and len(plan.probes[1].rows) == 111
     assert plan.anchors is not None and [plan.anchor_count(s) for s in plan.stages] == [20, 2, 2]
     for method in ("sdft", "sft"):
         configs = stage_configs(plan, method, "runs")
@@ -52,6 +53,11 @@ def test_splits_are_disjoint(plan):
     assert not skill_train & skill_eval
     probes = [normalize_text(r.prompt) for r in plan.probes[0].rows]
     assert len(probes) == len(set(probes))
+    # The robust set is drawn from the general and the built-in probes, with their answers (so the
+    # checks of both below cover it).
+    known = {normalize_text(r.prompt): r.answers for r in plan.probes[0].rows + retention_probes()}
+    robust = {normalize_text(r.prompt): r.answers for r in plan.probes[1].rows}
+    assert len(robust) == 111 and all(known.get(q) == a for q, a in robust.items())
     everything_trained_or_scored = (
         training | skill_eval | {normalize_text(r.prompt) for s in (facts_a, facts_b) for r in s.eval}
     )
