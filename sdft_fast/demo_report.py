@@ -62,15 +62,28 @@ def settings_lines(plan: Plan, methods: list[str]) -> list[str]:
             anchors = plan.anchor_count(stage)
             rows = f"{len(stage.train)} rows" + (f" + {anchors} anchors" if anchors else "")
             detail = f"{stage.name}: {rows}, {config.max_steps} steps x {config.batch_size}, lr {config.lr:g}"
+            if config.min_lr_ratio:
+                detail += (
+                    " constant" if config.min_lr_ratio == 1.0 else f" (cosine floor {config.min_lr_ratio:g})"
+                )
             if method == "sdft":
                 source = (
                     f"{config.teacher_rollout_fraction:g} of the rollouts under the teacher prompt, the rest under the student's"
                     if config.rollout_source == "mix"
                     else f"rollouts under the {config.rollout_source} prompt"
                 )
+                sampling = "".join(
+                    text
+                    for text, on in (
+                        (f" at temperature {config.temperature:g}", config.temperature != 1.0),
+                        (f", top-p {config.top_p:g}", config.top_p < 1.0),
+                        (f", top-k {config.top_k}", config.top_k > 0),
+                    )
+                    if on
+                )
                 detail += (
-                    f", {source}, {config.num_generations} per prompt, {config.max_new_tokens} tokens, teacher {config.teacher}, "
-                    f"skip {config.skip_tokens}"
+                    f", {source}{sampling}, {config.num_generations} per prompt, {config.max_new_tokens} tokens, "
+                    f"teacher {config.teacher}, skip {config.skip_tokens}"
                 )
             parts.append(detail)
         if plan.merge_between_stages:

@@ -190,3 +190,20 @@ def strip_times(evaluation: dict) -> dict:
     if "train" in out:
         out["train"] = {k: v for k, v in out["train"].items() if k != "train_s"}
     return out
+
+
+def test_the_report_names_the_sampling_and_schedule_a_stage_trained_with(plan):
+    """A stage's line says top-p and a constant rate where they differ from the defaults, and only there."""
+    import dataclasses
+
+    from sdft_fast.demo_report import settings_lines
+
+    plain = settings_lines(plan, ["sdft"])[0]
+    assert "top-p" not in plain and "constant" not in plain
+    facts = dataclasses.replace(plan.stages[1], method_settings={"sdft": {"top_p": 0.8, "min_lr_ratio": 1.0}})
+    line = settings_lines(dataclasses.replace(plan, stages=[plan.stages[0], facts]), ["sdft"])[0]
+    assert (
+        "facts-a: 4 rows + 2 anchors, 25 steps x 12, lr 0.003 constant, rollouts under the teacher prompt, top-p 0.8,"
+        in line
+    )
+    assert "json-skill" in line and line.count("top-p") == 1
