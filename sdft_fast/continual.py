@@ -192,7 +192,11 @@ def run_identity(plan: Plan, configs: Sequence[TrainConfig], method: str, model_
         "merge_between_stages": plan.merge_between_stages,
         "anchors": None
         if plan.anchors is None
-        else {"rows": _rows_digest(plan.anchors.rows), "max_new_tokens": plan.anchors.max_new_tokens},
+        else {
+            "rows": _rows_digest(plan.anchors.rows),
+            "max_new_tokens": plan.anchors.max_new_tokens,
+            **({"rehearse": True} if plan.anchors.rehearse else {}),  # absent: runs saved before the option
+        },
     }
 
 
@@ -201,14 +205,22 @@ def run_identity(plan: Plan, configs: Sequence[TrainConfig], method: str, model_
 # ----------------------------------------------------------------------------------------------------
 
 
+def rehearsal_pool(plan: Plan, number: int) -> int:
+    """How many earlier training rows stage ``number``'s anchors may draw (``anchors.rehearse``)."""
+    if plan.anchors is None or not plan.anchors.rehearse:
+        return 0
+    return sum(len(stage.train) for stage in plan.stages[: number - 1])
+
+
 def anchor_choice(plan: Plan, number: int, seed: int) -> list[int]:
     """Which anchor rows stage ``number`` (1-based) mixes in: the first ``anchor_count`` of a permutation
     seeded by the stage's seed (wrapping around when it needs more than there are), so each stage
-    rehearses its own draw and a resumed run draws the same."""
+    rehearses its own draw and a resumed run draws the same. Indices past the general prompts are the
+    earlier stages' training rows, in stage order (``anchors.rehearse``)."""
     count = plan.anchor_count(plan.stages[number - 1])
     if count == 0:
         return []
-    order = list(range(len(plan.anchors.rows)))
+    order = list(range(len(plan.anchors.rows) + rehearsal_pool(plan, number)))
     random.Random(seed).shuffle(order)
     return [order[i % len(order)] for i in range(count)]
 
@@ -254,12 +266,33 @@ def start_answers(
 
 
 def anchor_examples(
-    plan: Plan, chosen: list[int], prompt_ids: list[list[int]], answers: dict[int, list[int]] | None
+    plan: Plan,
+    chosen: list[int],
+    prompt_ids: list[list[int]],
+    answers: dict[int, list[int]] | None,
+    earlier: Sequence[EncodedExample] = (),
 ) -> list[EncodedExample]:
     """Encoded anchor rows: the teacher prompt is the student prompt; the SFT target is the start model's
-    answer (SDFT never reads it, so without ``answers`` it is left empty)."""
+    answer (SDFT never reads it, so without ``answers`` it is left empty). An index past the general
+    prompts is a rehearsed row of ``earlier`` (the earlier stages' encoded training rows): its prompt
+    without the demonstration, and for SFT its demonstration."""
     out = []
+    general = len(plan.anchors.rows) if plan.anchors is not None else 0
     for index in chosen:
+        if index >= general:
+            old = earlier[index - general]
+            out.append(
+                EncodedExample(
+                    student_prompt_ids=list(old.student_prompt_ids),
+                    teacher_prompt_ids=list(old.student_prompt_ids),
+                    demonstration_ids=list(old.demonstration_ids),
+                    answers=None,
+                    row=old.row,
+                    source=old.source,
+                    meta={"anchor": True, "rehearsal": True},
+                )
+            )
+            continue
         row = plan.anchors.rows[index]
         out.append(
             EncodedExample(
@@ -429,7 +462,7 @@ def run_continual(
     answers = None
     if method == "sft" and any(anchors_chosen):
         # SFT's anchor targets: the start model's own answers, taken now (before any stage's weights).
-        drawn = [index for chosen in anchors_chosen for index in chosen]
+        drawn = [index for chosen in anchors_chosen for index in chosen if index < len(plan.anchors.rows)]
         answers = start_answers(model, tokenizer, anchor_prompts, drawn, plan.anchors.max_new_tokens)
     if not state["evaluations"]:
         if start is not None:
@@ -453,7 +486,8 @@ def run_continual(
     for number, (stage, config, rows) in enumerate(zip(plan.stages, configs, encoded), start=1):
         if number < len(state["evaluations"]):
             continue  # trained and scored by an earlier call
-        anchors = anchor_examples(plan, anchors_chosen[number - 1], anchor_prompts, answers)
+        earlier = [row for done in encoded[: number - 1] for row in done]
+        anchors = anchor_examples(plan, anchors_chosen[number - 1], anchor_prompts, answers, earlier)
         rows = rows + anchors
         folder = Path(config.output_dir)
         resume = find_intact_checkpoint(folder, warn=stderr_notice)

@@ -71,7 +71,7 @@ PLAN_KEYS = (
 )
 STAGE_KEYS = ("name", "train", "eval", "score", "teacher_template", "anchor_fraction", "settings", *METHODS)
 EVAL_KEYS = ("max_new_tokens", "batch_size", "probes")
-ANCHOR_KEYS = ("path", "fraction", "max_new_tokens")
+ANCHOR_KEYS = ("path", "fraction", "max_new_tokens", "rehearse")
 # The model is built once per run: these settings are the run's, not a stage's.
 RUN_FIELDS = (
     "method",
@@ -119,12 +119,18 @@ class Anchors:
     teacher, SDFT minimises the KL from the start model on the student's own samples there; SFT
     trains on the start model's own greedy answer (``max_new_tokens`` long at most). A stage of n
     training rows gets round(n f / (1 - f)) anchors, so they are a fraction f of its rows.
+
+    ``rehearse``: from stage 2 on, the anchors are drawn from the general prompts and the earlier
+    stages' training prompts together (needs ``merge_between_stages``, so that the frozen teacher
+    the earlier prompts are distilled toward is the merged model that learned them); SFT replays those
+    rows' demonstrations. Without it nothing holds an earlier stage's task while a later one trains.
     """
 
     rows: list[Example]  # prompts (any other field is ignored)
     source: str
     fraction: float = 0.25
     max_new_tokens: int = 48
+    rehearse: bool = False
 
 
 @dataclass(frozen=True)
@@ -308,6 +314,7 @@ def _anchors(value: Any, base_dir: Path, source: str) -> Anchors | None:
         source=str(path),
         fraction=_fraction(block.get("fraction", 0.25), source, "anchors.fraction"),
         max_new_tokens=length,
+        rehearse=_flag(block.get("rehearse", False), source, "anchors.rehearse"),
     )
 
 
@@ -393,6 +400,14 @@ def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Pl
                 anchor_fraction=anchor_fraction,
             )
         )
+    anchors = _anchors(top.get("anchors"), base_dir, source)
+    merge = _flag(top.get("merge_between_stages", False), source, "merge_between_stages")
+    if anchors is not None and anchors.rehearse and not merge:
+        raise PlanError(
+            source,
+            "needs merge_between_stages: true (earlier prompts are distilled toward the model that learned them)",
+            key="anchors.rehearse",
+        )
     return Plan(
         name=str(
             top.get("name")
@@ -405,8 +420,8 @@ def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Pl
         eval_max_new_tokens=eval_block.get("max_new_tokens", 24),
         eval_batch_size=eval_block.get("batch_size", 32),
         probes=probe_sets(eval_block.get("probes"), base_dir, source),
-        anchors=_anchors(top.get("anchors"), base_dir, source),
-        merge_between_stages=_flag(top.get("merge_between_stages", False), source, "merge_between_stages"),
+        anchors=anchors,
+        merge_between_stages=merge,
     )
 
 

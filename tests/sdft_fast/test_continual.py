@@ -398,3 +398,68 @@ def test_shared_questions_are_decoded_once_and_scored_per_row(plan_path, tokeniz
     assert sorted(decoded) == sorted(set(prompts))  # each distinct question once
     assert evaluation["probes"] == {"full": [1, 2], "subset": [1, 1]}
     assert evaluation["records"]["probes:subset"][0]["prediction"] == "Cusco, I think."
+
+
+@pytest.mark.parametrize("method", ["sdft", "sft"])
+def test_rehearsal_anchors_draw_the_earlier_stages_prompts(
+    plan_path, tiny_model_dir, tokenizer, tmp_path, monkeypatch, method
+):
+    """With ``anchors.rehearse`` a later stage's anchors come from the general prompts and the earlier
+    stages' training prompts: an earlier prompt is rehearsed without its demonstration in the teacher
+    prompt, and SFT replays its demonstration; stage 1 has nothing earlier to draw."""
+    from sdft_fast import run as run_module
+    from sdft_fast.continual import anchor_choice
+
+    plan = json.loads(plan_path.read_text())
+    write_jsonl(plan_path.parent / "one_anchor.jsonl", [{"prompt": "Name a colour."}])
+    plan["anchors"] = {"path": "one_anchor.jsonl", "fraction": 0.5, "max_new_tokens": 4, "rehearse": True}
+    plan["merge_between_stages"] = True
+    rehearsing = plan_path.parent / "rehearsing.json"
+    rehearsing.write_text(json.dumps(plan))
+    loaded = load_plan(rehearsing)
+    assert set(anchor_choice(loaded, 1, seed=0)) == {0}  # stage 1: only the general prompt
+    assert set(anchor_choice(loaded, 2, seed=0)) <= {0, 1, 2, 3} and any(
+        i > 0 for s in range(5) for i in anchor_choice(loaded, 2, seed=s)
+    )
+
+    seen = []
+    real_train = run_module.train
+
+    def recording_train(model, tok, rows, config, **kwargs):
+        seen.append(list(rows))
+        return real_train(model, tok, rows, config, **kwargs)
+
+    monkeypatch.setattr(run_module, "train", recording_train)
+    # A fixed draw: stage 2's anchors are the general prompt (index 0) and stage 1's first row (index 1).
+    monkeypatch.setattr(
+        "sdft_fast.continual.anchor_choice", lambda plan, number, seed: [0, 0, 0] if number == 1 else [0, 1]
+    )
+    run(
+        rehearsing,
+        tiny_model_dir,
+        tokenizer,
+        tmp_path / method,
+        [],
+        method=method,
+        overrides={"max_steps": 1},
+    )
+    stage_one_rows = [row for row in seen[0] if not row.meta.get("anchor")]
+    rehearsed = [row for row in seen[1] if row.meta.get("rehearsal")]
+    assert [row.row for row in rehearsed] == [stage_one_rows[0].row]  # index 1 = stage 1's first row
+    (old,) = [row for row in stage_one_rows if row.row == rehearsed[0].row]
+    assert rehearsed[0].student_prompt_ids == rehearsed[0].teacher_prompt_ids == old.student_prompt_ids
+    assert old.teacher_prompt_ids != old.student_prompt_ids  # the stage itself had the demonstration
+    if method == "sft":
+        assert rehearsed[0].demonstration_ids == old.demonstration_ids and old.demonstration_ids
+
+
+def test_rehearsal_needs_merged_stages(plan_path):
+    from sdft_fast.continual_plan import PlanError
+
+    plan = json.loads(plan_path.read_text())
+    write_jsonl(plan_path.parent / "one_anchor.jsonl", [{"prompt": "Name a colour."}])
+    plan["anchors"] = {"path": "one_anchor.jsonl", "rehearse": True}
+    bad = plan_path.parent / "rehearse_unmerged.json"
+    bad.write_text(json.dumps(plan))
+    with pytest.raises(PlanError, match=r"anchors\.rehearse.*merge_between_stages"):
+        load_plan(bad)
