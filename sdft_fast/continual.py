@@ -77,7 +77,7 @@ class Evaluator:
 
         groups = [(stage.name, stage.eval) for stage in self.plan.stages]
         groups += [(f"probes:{probes.name}", probes.rows) for probes in self.plan.probes]
-        records = self._score_rows(model, [row for _, group in groups for row in group])
+        records = self._decode_and_score(model, [row for _, group in groups for row in group])["records"]
         evaluation: Evaluation = {"tasks": {}, "probes": {}, "records": {}}
         offset = 0
         for name, group in groups:
@@ -98,32 +98,6 @@ class Evaluator:
             if upcoming:
                 evaluation["next_in_context"] = next(iter(upcoming.values()))
         return evaluation
-
-    def _score_rows(self, model, rows: list[Example]) -> list[dict]:
-        """One record per row, decoding each distinct prompt once (probe sets may share questions,
-        e.g. a robust subset beside its full set); every row is scored with its own answers and
-        pattern."""
-        from sdft_fast.eval import reply_correct, reply_pattern
-
-        first: dict[str, int] = {}
-        for index, row in enumerate(rows):
-            first.setdefault(row.prompt, index)
-        distinct = sorted(set(first.values()))
-        decoded = dict(zip(distinct, self._decode_and_score(model, [rows[i] for i in distinct])["records"]))
-        records = []
-        for index, row in enumerate(rows):
-            record = decoded[first[row.prompt]]
-            if first[row.prompt] != index:
-                record = {
-                    "row": row.row,
-                    "source": row.source,
-                    "answers": list(row.answers or []),
-                    "prediction": record["prediction"],
-                    "correct": reply_correct(record["prediction"], row.answers, reply_pattern(row)),
-                    "meta": dict(row.meta),
-                }
-            records.append(record)
-        return records
 
     def in_context(self, model, stages: Sequence[Stage] | None = None) -> dict[str, list[int]]:
         """The model's accuracy with each row's demonstration in its prompt (the stage's teacher

@@ -220,9 +220,15 @@ def evaluate_accuracy(
             ids = encode_prompt(tokenizer, prompt, use_chat_template)
         prompts_ids.append(ids)
 
-    completions = greedy_completions(
-        model, tokenizer, prompts_ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    # Each distinct prompt is decoded once (probe sets may share questions); every row keeps its own scoring.
+    distinct: dict[tuple[int, ...], int] = {}
+    for ids in prompts_ids:
+        distinct.setdefault(tuple(ids), len(distinct))
+    unique = [list(ids) for ids in distinct]
+    decoded = greedy_completions(
+        model, tokenizer, unique, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
     )
+    completions = [decoded[distinct[tuple(ids)]] for ids in prompts_ids]
     records = []
     for example, pattern, completion in zip(examples, patterns, completions):
         prediction = tokenizer.decode(completion, skip_special_tokens=True)

@@ -121,6 +121,21 @@ class FakeScorer:
         return {"tasks": tasks, "probes": {"general": [5 - after_stage, 5]}, "drift": {"kl": kl, "dnll": 0.0}}
 
 
+def record_training_rows(monkeypatch) -> list:
+    """Every stage's training rows (tasks and anchors) as `sdft_fast.run.train` receives them."""
+    from sdft_fast import run as run_module
+
+    seen = []
+    real_train = run_module.train
+
+    def recording_train(model, tok, rows, config, **kwargs):
+        seen.append(list(rows))
+        return real_train(model, tok, rows, config, **kwargs)
+
+    monkeypatch.setattr(run_module, "train", recording_train)
+    return seen
+
+
 def expected_entry(stage_rows, score_rows, after_stage, j):
     correct = [k < (after_stage + j) % 4 for k in range(stage_rows)]
     return sum(correct[k] for k in score_rows) / len(score_rows)
@@ -323,7 +338,6 @@ def test_anchor_rows_train_toward_the_start_model(
 ):
     """Each stage trains on its rows plus its share of anchors: the teacher prompt is the student prompt,
     and SFT's target is the start model's own greedy answer (+ EOS), whatever the stage."""
-    from sdft_fast import run as run_module
     from sdft_fast.config import TrainConfig
     from sdft_fast.continual import anchor_choice
     from sdft_fast.data import encode_prompt
@@ -337,14 +351,7 @@ def test_anchor_rows_train_toward_the_start_model(
     anchored = plan_path.parent / "anchored.json"
     anchored.write_text(json.dumps(plan))
 
-    seen = []
-    real_train = run_module.train
-
-    def recording_train(model, tok, rows, config, **kwargs):
-        seen.append(list(rows))
-        return real_train(model, tok, rows, config, **kwargs)
-
-    monkeypatch.setattr(run_module, "train", recording_train)
+    seen = record_training_rows(monkeypatch)
     run(anchored, tiny_model_dir, tokenizer, tmp_path / method, [], method=method, overrides={"max_steps": 1})
     assert [len(rows) for rows in seen] == [3 + 3, 2 + 2]  # fraction 1/2: as many anchors as rows
     start = build_model(tiny_model_dir, TrainConfig(lora_rank=4, device="cpu"))
@@ -371,9 +378,10 @@ def test_shared_questions_are_decoded_once_and_scored_per_row(plan_path, tokeniz
     still scored with its own accepted answers."""
     import dataclasses
 
+    from sdft_fast import eval as eval_module
     from sdft_fast.continual import Evaluator
     from sdft_fast.continual_plan import ProbeSet
-    from sdft_fast.data import Example
+    from sdft_fast.data import Example, encode_prompt
 
     full = [Example(prompt="What is 2+2?", demonstration="4", answers=["4"]),
             Example(prompt="Capital of Peru?", demonstration="Lima", answers=["Lima"])]  # fmt: skip
@@ -381,21 +389,27 @@ def test_shared_questions_are_decoded_once_and_scored_per_row(plan_path, tokeniz
     plan = dataclasses.replace(
         load_plan(plan_path), probes=[ProbeSet("full", full, "full"), ProbeSet("subset", subset, "subset")]
     )
+    replies = {
+        tuple(encode_prompt(tokenizer, "What is 2+2?")): "It is 4.",
+        tuple(encode_prompt(tokenizer, "Capital of Peru?")): "Cusco, I think.",
+    }
     decoded = []
 
-    def fake_decode(self, model, rows, **view):
-        decoded.extend(row.prompt for row in rows)
-        replies = {"What is 2+2?": "It is 4.", "Capital of Peru?": "Cusco, I think."}
-        records = [{"prediction": replies.get(row.prompt, "no idea"), "row": row.row} for row in rows]
-        for record, row in zip(records, rows):
-            record["correct"] = any(answer in record["prediction"] for answer in row.answers or [])
-        return {"records": records}
+    def fake_greedy(model, tok, prompt_ids, **kwargs):
+        decoded.extend(tuple(ids) for ids in prompt_ids)
+        return [
+            tok.encode(replies.get(tuple(ids), "no idea"), add_special_tokens=False) for ids in prompt_ids
+        ]
 
-    monkeypatch.setattr(Evaluator, "_decode_and_score", fake_decode)
+    class Model:
+        def generate(self, *args, **kwargs):
+            raise AssertionError("decoding goes through greedy_completions")
+
+    monkeypatch.setattr(eval_module, "greedy_completions", fake_greedy)
     monkeypatch.setattr(Evaluator, "in_context", lambda self, model, stages=None: {})
-    evaluation = Evaluator(tokenizer, plan)(model=None, after_stage=0)
+    evaluation = Evaluator(tokenizer, plan)(model=Model(), after_stage=0)
     prompts = [row.prompt for stage in plan.stages for row in stage.eval] + [row.prompt for row in full]
-    assert sorted(decoded) == sorted(set(prompts))  # each distinct question once
+    assert sorted(decoded) == sorted({tuple(encode_prompt(tokenizer, p)) for p in prompts})  # each once
     assert evaluation["probes"] == {"full": [1, 2], "subset": [1, 1]}
     assert evaluation["records"]["probes:subset"][0]["prediction"] == "Cusco, I think."
 
@@ -407,7 +421,6 @@ def test_rehearsal_anchors_draw_the_earlier_stages_prompts(
     """With ``anchors.rehearse`` a later stage's anchors come from the general prompts and the earlier
     stages' training prompts: an earlier prompt is rehearsed without its demonstration in the teacher
     prompt, and SFT replays its demonstration; stage 1 has nothing earlier to draw."""
-    from sdft_fast import run as run_module
     from sdft_fast.continual import anchor_choice
 
     plan = json.loads(plan_path.read_text())
@@ -422,14 +435,7 @@ def test_rehearsal_anchors_draw_the_earlier_stages_prompts(
         i > 0 for s in range(5) for i in anchor_choice(loaded, 2, seed=s)
     )
 
-    seen = []
-    real_train = run_module.train
-
-    def recording_train(model, tok, rows, config, **kwargs):
-        seen.append(list(rows))
-        return real_train(model, tok, rows, config, **kwargs)
-
-    monkeypatch.setattr(run_module, "train", recording_train)
+    seen = record_training_rows(monkeypatch)
     # A fixed draw: stage 2's anchors are the general prompt (index 0) and stage 1's first row (index 1).
     monkeypatch.setattr(
         "sdft_fast.continual.anchor_choice", lambda plan, number, seed: [0, 0, 0] if number == 1 else [0, 1]
