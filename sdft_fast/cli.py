@@ -367,7 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods trained side by side, one process each (0: one per method where the cores allow)",
     )
     demo_parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads per run (0: the cores shared among the jobs)"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per run, fixed (0: the cores shared among the runs still training, "
+        "re-shared before each stage once a run has ended)",
     )
     demo_parser.add_argument("--no-progress", action="store_true")
     demo_parser.set_defaults(handler=cmd_demo)

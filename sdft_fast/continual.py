@@ -359,6 +359,7 @@ def run_continual(
     evaluator_factory: Callable[[Any, Any, Plan], Callable[[Any, int], Evaluation]] | None = None,
     start: dict[str, Any] | None = None,
     restart: bool = False,
+    before_stage: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``plan``'s stages in order with ``method`` and score every task after each; resumable.
 
@@ -366,10 +367,14 @@ def run_continual(
       the start model (default: :class:`Evaluator` with the start model's drift reference).
     start: the start model's evaluation from another run of the same plan and start (e.g. the SDFT
       run's, reused by the SFT run), instead of scoring the start model again.
+    before_stage: called with the stage's number (1-based) before it trains, in this thread (e.g. to
+      take up CPU cores another run has released: torch's thread count is set per thread).
     Returns the run's state (also in ``run_dir/continual_state.json``): ``evaluations``, the start
     model's first and then one per stage (with that stage's training summary under ``train``), and
     the run's ``identity``. The replies behind each evaluation go to ``run_dir/answers/``.
     """
+    import torch
+
     from sdft_fast.checkpoint import find_intact_checkpoint, load_model_state
     from sdft_fast.default_model import load_tokenizer
     from sdft_fast.eval import reference_logprobs
@@ -460,6 +465,8 @@ def run_continual(
     for number, (stage, config, rows) in enumerate(zip(plan.stages, configs, encoded), start=1):
         if number < len(state["evaluations"]):
             continue  # trained and scored by an earlier call
+        if before_stage is not None:
+            before_stage(number)
         earlier = [row for done in encoded[: number - 1] for row in done]
         anchors = anchor_examples(plan, anchors_chosen[number - 1], anchor_prompts, answers, earlier)
         rows = rows + anchors
@@ -492,6 +499,7 @@ def run_continual(
             "steps": result.steps,
             "train_s": result.wall_time_s,
             "final_loss": result.final_loss,
+            "threads": torch.get_num_threads(),
         }
         save_evaluation(evaluation, f"after-{number}-{stage.name}")
         scores = ", ".join(

@@ -107,6 +107,27 @@ def default_jobs(methods: list[str]) -> int:
     return max(1, min(len(methods), usable_cores()))
 
 
+_finished_runs = None  # a pool worker's view of how many of the demo's runs have ended (shared)
+
+
+def _init_worker(finished) -> None:
+    global _finished_runs
+    _finished_runs = finished
+
+
+def _take_released_cores(job: dict[str, Any]) -> None:
+    """Before a stage: once other runs of the demo have ended, share all the cores among the runs
+    still training (torch's thread count is set per thread, so only the training thread can)."""
+    import torch
+
+    if _finished_runs is None or not job["share_cores"]:
+        return
+    running = max(1, job["jobs"] - _finished_runs.value)
+    threads = max(job["threads"], job["cores"] // running)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def _train_method(job: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """One method's continual run: in this process, or in a pool worker of its own (jobs > 1)."""
     import torch
@@ -116,14 +137,20 @@ def _train_method(job: dict[str, Any]) -> tuple[dict[str, Any], float]:
 
     torch.set_num_threads(job["threads"])
     started = time.perf_counter()
-    state = run_continual(
-        load_plan(job["plan"]),
-        model_path=job["model_path"],
-        run_dir=job["run_dir"],
-        method=job["method"],
-        overrides=job["overrides"],
-        start=job["start"],
-    )
+    try:
+        state = run_continual(
+            load_plan(job["plan"]),
+            model_path=job["model_path"],
+            run_dir=job["run_dir"],
+            method=job["method"],
+            overrides=job["overrides"],
+            start=job["start"],
+            before_stage=lambda number: _take_released_cores(job),
+        )
+    finally:
+        if _finished_runs is not None:
+            with _finished_runs.get_lock():
+                _finished_runs.value += 1
     return state, time.perf_counter() - started
 
 
@@ -185,12 +212,19 @@ def run_demo(args) -> dict[str, Any]:
             "overrides": overrides,
             "start": start,
             "threads": threads,
+            "cores": cores,
+            "jobs": jobs,
+            # --threads fixes every run's thread count; by default a run that starts a stage after
+            # the others have ended takes up their cores (the SFT run ends first).
+            "share_cores": not args.threads,
         }
         for method in methods
     ]
     if jobs > 1:
         # spawn: a fresh interpreter per run (no forked torch thread pools or locks).
-        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        context = multiprocessing.get_context("spawn")
+        finished = context.Value("i", 0)
+        with context.Pool(jobs, initializer=_init_worker, initargs=(finished,)) as pool:
             results = pool.map(_train_method, method_jobs, chunksize=1)
     else:
         results = [_train_method(job) for job in method_jobs]

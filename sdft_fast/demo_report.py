@@ -95,6 +95,23 @@ def settings_lines(plan: Plan, methods: list[str]) -> list[str]:
     return lines
 
 
+def more_threads_note(runs: dict[str, dict[str, Any]], threads: int) -> str:
+    """Which stages a run trained with more threads than it started with (the cores of a run that
+    had ended), as a sentence; empty where none did."""
+    taken = []
+    for method, state in runs.items():
+        stages = [
+            f"{name} ({e['train']['threads']})"
+            for name, e in zip(state["stages"], state["evaluations"][1:])
+            if e.get("train", {}).get("threads", threads) > threads
+        ]
+        if stages:
+            taken.append(
+                f"{method.upper()} trained {', '.join(stages)} with the cores of a run that had ended"
+            )
+    return (" " + "; ".join(taken) + " (threads in brackets).") if taken else ""
+
+
 def write_demo_report(
     runs: dict[str, dict[str, Any]],
     plan: Plan,
@@ -121,7 +138,8 @@ def write_demo_report(
         + ", ".join(f"{m.upper()} {s:.0f} s" for m, s in method_s.items())
         + "). Plan: `"
         + plan.source
-        + "`.",
+        + "`."
+        + more_threads_note(runs, threads),
         "",
         f"Stages, trained in this order from the same start: {', '.join(s.name for s in plan.stages)}. Evaluation "
         f"rows: {eval_rows}. The matrix shows each task's scored kind (*direct*: rephrasings of the training "

@@ -198,12 +198,64 @@ def test_the_report_names_the_sampling_and_schedule_a_stage_trained_with(plan):
 
     from sdft_fast.demo_report import settings_lines
 
-    plain = settings_lines(plan, ["sdft"])[0]
+    # The built-in plan: top-p 0.8 on the two fact stages, the skill stage at the default 1.0.
+    builtin = settings_lines(plan, ["sdft"])[0]
+    assert builtin.count("top-p 0.8") == 2 and "constant" not in builtin
+    assert "top-p" not in builtin.split("facts-a:")[0]
+
+    def without_top_p(settings):
+        return {k: v for k, v in settings.items() if k != "top_p"}
+
+    stages = [
+        dataclasses.replace(s, method_settings={m: without_top_p(v) for m, v in s.method_settings.items()})
+        for s in plan.stages
+    ]
+    plain_plan = dataclasses.replace(
+        plan, stages=stages, method_settings={m: without_top_p(v) for m, v in plan.method_settings.items()}
+    )
+    plain = settings_lines(plain_plan, ["sdft"])[0]
     assert "top-p" not in plain and "constant" not in plain
-    facts = dataclasses.replace(plan.stages[1], method_settings={"sdft": {"top_p": 0.8, "min_lr_ratio": 1.0}})
-    line = settings_lines(dataclasses.replace(plan, stages=[plan.stages[0], facts]), ["sdft"])[0]
+    facts = dataclasses.replace(stages[1], method_settings={"sdft": {"top_p": 0.8, "min_lr_ratio": 1.0}})
+    line = settings_lines(dataclasses.replace(plain_plan, stages=[stages[0], facts]), ["sdft"])[0]
     assert (
         "facts-a: 4 rows + 2 anchors, 25 steps x 12, lr 0.003 constant, rollouts under the teacher prompt, top-p 0.8,"
         in line
     )
     assert "json-skill" in line and line.count("top-p") == 1
+
+
+def test_a_run_takes_up_the_cores_of_runs_that_ended_before_its_next_stage(monkeypatch):
+    """With automatic threads a run's next stage shares all the cores among the runs still training;
+    --threads (share_cores off) keeps the count fixed; the report names the stages that took more."""
+    import multiprocessing
+
+    import torch
+
+    from sdft_fast import demo
+    from sdft_fast.demo_report import more_threads_note
+
+    before = torch.get_num_threads()
+    finished = multiprocessing.get_context("spawn").Value("i", 0)
+    monkeypatch.setattr(demo, "_finished_runs", finished)
+    job = {"threads": 1, "cores": 2, "jobs": 2, "share_cores": True}
+    try:
+        torch.set_num_threads(1)
+        demo._take_released_cores(job)
+        assert torch.get_num_threads() == 1  # both runs still training: a core each
+        finished.value = 1
+        demo._take_released_cores({**job, "share_cores": False})
+        assert torch.get_num_threads() == 1
+        demo._take_released_cores(job)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+    def run(*threads):
+        return {
+            "stages": ["a", "b"],
+            "evaluations": [{}] + [{"train": {"steps": 1, "threads": t}} for t in threads],
+        }
+
+    assert more_threads_note({"sdft": run(1, 1), "sft": run(1, 1)}, threads=1) == ""
+    note = more_threads_note({"sdft": run(1, 2), "sft": run(1, 1)}, threads=1)
+    assert note == " SDFT trained b (2) with the cores of a run that had ended (threads in brackets)."
