@@ -160,6 +160,7 @@ def run_identity(plan: Plan, configs: Sequence[TrainConfig], method: str, model_
                 "teacher_template": stage.teacher_template,
                 "config": {k: v for k, v in config.to_dict().items() if k not in volatile},
                 "anchors": plan.anchor_count(stage),
+                **({"repeat": stage.repeat} if stage.repeat != 1 else {}),  # absent: runs saved before it
             }
             for stage, config in zip(plan.stages, configs)
         ],
@@ -169,7 +170,12 @@ def run_identity(plan: Plan, configs: Sequence[TrainConfig], method: str, model_
         else {
             "rows": _rows_digest(plan.anchors.rows),
             "max_new_tokens": plan.anchors.max_new_tokens,
-            **({"rehearse": True} if plan.anchors.rehearse else {}),  # absent: runs saved before the option
+            # absent: runs saved before the option; True: "prompts", the option's first meaning
+            **(
+                {"rehearse": True if plan.anchors.rehearse == "prompts" else plan.anchors.rehearse}
+                if plan.anchors.rehearse
+                else {}
+            ),
         },
     }
 
@@ -183,7 +189,7 @@ def rehearsal_pool(plan: Plan, number: int) -> int:
     """How many earlier training rows stage ``number``'s anchors may draw (``anchors.rehearse``)."""
     if plan.anchors is None or not plan.anchors.rehearse:
         return 0
-    return sum(len(stage.train) for stage in plan.stages[: number - 1])
+    return sum(len(stage.train) * stage.repeat for stage in plan.stages[: number - 1])
 
 
 def anchor_choice(plan: Plan, number: int, seed: int) -> list[int]:
@@ -248,8 +254,9 @@ def anchor_examples(
 ) -> list[EncodedExample]:
     """Encoded anchor rows: the teacher prompt is the student prompt; the SFT target is the start model's
     answer (SDFT never reads it, so without ``answers`` it is left empty). An index past the general
-    prompts is a rehearsed row of ``earlier`` (the earlier stages' encoded training rows): its prompt
-    without the demonstration, and for SFT its demonstration."""
+    prompts is a rehearsed row of ``earlier`` (the earlier stages' encoded training rows, as trained):
+    for SFT its demonstration; for SDFT, with ``rehearse: replay``, its own teacher prompt (the
+    demonstration in context), with ``prompts`` its prompt alone."""
     out = []
     general = len(plan.anchors.rows) if plan.anchors is not None else 0
     for index in chosen:
@@ -258,7 +265,11 @@ def anchor_examples(
             out.append(
                 EncodedExample(
                     student_prompt_ids=list(old.student_prompt_ids),
-                    teacher_prompt_ids=list(old.student_prompt_ids),
+                    teacher_prompt_ids=list(
+                        old.teacher_prompt_ids
+                        if plan.anchors.rehearse == "replay"
+                        else old.student_prompt_ids
+                    ),
                     demonstration_ids=list(old.demonstration_ids),
                     answers=None,
                     row=old.row,
@@ -396,6 +407,7 @@ def run_continual(
                     teacher_template=stage.teacher_template,
                     check_demonstration_length=config.method == "sft",
                 )
+                * stage.repeat  # each row `repeat` times per epoch, as trained and as rehearsed
             )
         except DataError as error:
             raise PlanError(plan.source, str(error), stage=number, name=stage.name, key="train") from error

@@ -69,7 +69,17 @@ PLAN_KEYS = (
     "merge_between_stages",
     "stages",
 )
-STAGE_KEYS = ("name", "train", "eval", "score", "teacher_template", "anchor_fraction", "settings", *METHODS)
+STAGE_KEYS = (
+    "name",
+    "train",
+    "eval",
+    "score",
+    "teacher_template",
+    "anchor_fraction",
+    "repeat",
+    "settings",
+    *METHODS,
+)
 EVAL_KEYS = ("max_new_tokens", "batch_size", "probes")
 ANCHOR_KEYS = ("path", "fraction", "max_new_tokens", "rehearse")
 # The model is built once per run: these settings are the run's, not a stage's.
@@ -121,16 +131,19 @@ class Anchors:
     training rows gets round(n f / (1 - f)) anchors, so they are a fraction f of its rows.
 
     ``rehearse``: from stage 2 on, the anchors are drawn from the general prompts and the earlier
-    stages' training prompts together (needs ``merge_between_stages``, so that the frozen teacher
-    the earlier prompts are distilled toward is the merged model that learned them); SFT replays those
-    rows' demonstrations. Without it nothing holds an earlier stage's task while a later one trains.
+    stages' training rows together (as trained: a stage's ``repeat`` copies each), so that something
+    holds an earlier stage's task while a later one trains; it needs ``merge_between_stages`` (the
+    frozen teacher is then the merged model that learned them). ``"replay"``: an earlier row is
+    trained as in its own stage — SDFT with its demonstration in the teacher prompt, SFT on its
+    demonstration. ``true`` (``"prompts"``): SDFT distils its prompt without the demonstration toward
+    the merged teacher (SFT still trains on the demonstration).
     """
 
     rows: list[Example]  # prompts (any other field is ignored)
     source: str
     fraction: float = 0.25
     max_new_tokens: int = 48
-    rehearse: bool = False
+    rehearse: str | None = None  # None, "prompts" or "replay"
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,7 @@ class Stage:
     settings: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields, every method
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> fields
     anchor_fraction: float | None = None  # None: the plan's anchors.fraction
+    repeat: int = 1  # each training row this many times per epoch
 
     def kinds(self) -> list[str]:
         return sorted({row.meta.get("kind", DEFAULT_KIND) for row in self.eval})
@@ -174,7 +188,8 @@ class Plan:
         if self.anchors is None:
             return 0
         fraction = self.anchors.fraction if stage.anchor_fraction is None else stage.anchor_fraction
-        return round(len(stage.train) * fraction / (1.0 - fraction)) if fraction > 0 else 0
+        rows = len(stage.train) * stage.repeat
+        return round(rows * fraction / (1.0 - fraction)) if fraction > 0 else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,6 +307,18 @@ def _flag(value: Any, source: str, key: str) -> bool:
     return value
 
 
+def _rehearse(value: Any, source: str) -> str | None:
+    if value is False:
+        return None
+    if value is True or value == "prompts":
+        return "prompts"
+    if value == "replay":
+        return "replay"
+    raise PlanError(
+        source, f"must be false, true, 'prompts' or 'replay', got {value!r}", key="anchors.rehearse"
+    )
+
+
 def _fraction(value: Any, source: str, key: str, **where) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise PlanError(source, f"must be a number in [0, 1), got {value!r}", key=key, **where)
@@ -314,7 +341,7 @@ def _anchors(value: Any, base_dir: Path, source: str) -> Anchors | None:
         source=str(path),
         fraction=_fraction(block.get("fraction", 0.25), source, "anchors.fraction"),
         max_new_tokens=length,
-        rehearse=_flag(block.get("rehearse", False), source, "anchors.rehearse"),
+        rehearse=_rehearse(block.get("rehearse", False), source),
     )
 
 
@@ -381,6 +408,9 @@ def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Pl
             if "anchors" not in top:
                 raise PlanError(source, "the plan has no anchors to mix in", key="anchor_fraction", **where)
             anchor_fraction = _fraction(anchor_fraction, source, "anchor_fraction", **where)
+        repeat = stage.get("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise PlanError(source, f"must be an integer >= 1, got {repeat!r}", key="repeat", **where)
         stage_template = stage.get("teacher_template", template)
         try:
             validate_teacher_template(stage_template)
@@ -398,6 +428,7 @@ def plan_from_dict(data: Any, *, base_dir: str | os.PathLike, source: str) -> Pl
                     m: _settings(stage.get(m), source, m, stage_level=True, **where) for m in METHODS
                 },
                 anchor_fraction=anchor_fraction,
+                repeat=repeat,
             )
         )
     anchors = _anchors(top.get("anchors"), base_dir, source)

@@ -60,7 +60,8 @@ def settings_lines(plan: Plan, methods: list[str]) -> list[str]:
         parts = []
         for stage, config in zip(plan.stages, configs):
             anchors = plan.anchor_count(stage)
-            rows = f"{len(stage.train)} rows" + (f" + {anchors} anchors" if anchors else "")
+            repeat = f" x {stage.repeat}" if stage.repeat > 1 else ""
+            rows = f"{len(stage.train)} rows{repeat}" + (f" + {anchors} anchors" if anchors else "")
             detail = f"{stage.name}: {rows}, {config.max_steps} steps x {config.batch_size}, lr {config.lr:g}"
             if config.min_lr_ratio:
                 detail += (
@@ -88,6 +89,12 @@ def settings_lines(plan: Plan, methods: list[str]) -> list[str]:
             parts.append(detail)
         if plan.merge_between_stages:
             parts.append("each stage's adapter merged into the weights before the next")
+        if plan.anchors is not None and plan.anchors.rehearse:
+            how = {
+                ("sdft", "replay"): "with their demonstration in the teacher prompt",
+                ("sdft", "prompts"): "without their demonstration",
+            }.get((method, plan.anchors.rehearse), "on their demonstration")
+            parts.append(f"from stage 2 the anchors also rehearse the earlier stages' rows, {how}")
         seeds = ", ".join(str(c.seed) for c in configs)
         lines.append(
             f"- {method.upper()} (LoRA r{configs[0].lora_rank}, seeds {seeds}): " + "; ".join(parts) + "."

@@ -9,7 +9,7 @@ from helpers import save_tiny_llama
 
 from sdft_fast import trainer as trainer_module
 from sdft_fast.continual import STATE_FILE, run_continual, task_scores
-from sdft_fast.continual_plan import load_plan
+from sdft_fast.continual_plan import load_plan, stage_configs
 from sdft_fast.continual_report import score_matrix, transfer_metrics
 
 
@@ -414,31 +414,42 @@ def test_shared_questions_are_decoded_once_and_scored_per_row(plan_path, tokeniz
     assert evaluation["records"]["probes:subset"][0]["prediction"] == "Cusco, I think."
 
 
-@pytest.mark.parametrize("method", ["sdft", "sft"])
-def test_rehearsal_anchors_draw_the_earlier_stages_prompts(
-    plan_path, tiny_model_dir, tokenizer, tmp_path, monkeypatch, method
+@pytest.mark.parametrize(
+    "method, mode", [("sdft", True), ("sdft", "replay"), ("sft", True), ("sft", "replay")]
+)
+def test_rehearsal_anchors_draw_the_earlier_stages_rows(
+    plan_path, tiny_model_dir, tokenizer, tmp_path, monkeypatch, method, mode
 ):
     """With ``anchors.rehearse`` a later stage's anchors come from the general prompts and the earlier
-    stages' training prompts: an earlier prompt is rehearsed without its demonstration in the teacher
-    prompt, and SFT replays its demonstration; stage 1 has nothing earlier to draw."""
-    from sdft_fast.continual import anchor_choice
+    stages' training rows as trained (a stage's ``repeat`` copies each): SDFT rehearses an earlier
+    prompt without its demonstration in the teacher prompt (``true``) or with it (``replay``), SFT
+    trains on its demonstration either way; stage 1 has nothing earlier to draw."""
+    from sdft_fast.continual import anchor_choice, run_identity
 
     plan = json.loads(plan_path.read_text())
     write_jsonl(plan_path.parent / "one_anchor.jsonl", [{"prompt": "Name a colour."}])
-    plan["anchors"] = {"path": "one_anchor.jsonl", "fraction": 0.5, "max_new_tokens": 4, "rehearse": True}
+    plan["anchors"] = {"path": "one_anchor.jsonl", "fraction": 0.5, "max_new_tokens": 4, "rehearse": mode}
     plan["merge_between_stages"] = True
+    plan["stages"][0]["repeat"] = 2
     rehearsing = plan_path.parent / "rehearsing.json"
     rehearsing.write_text(json.dumps(plan))
     loaded = load_plan(rehearsing)
+    first = len(loaded.stages[0].train)
+    assert loaded.anchor_count(loaded.stages[0]) == 2 * first  # half of the rows as trained (2 x first)
     assert set(anchor_choice(loaded, 1, seed=0)) == {0}  # stage 1: only the general prompt
-    assert set(anchor_choice(loaded, 2, seed=0)) <= {0, 1, 2, 3} and any(
+    assert set(anchor_choice(loaded, 2, seed=0)) <= set(range(1 + 2 * first)) and any(
         i > 0 for s in range(5) for i in anchor_choice(loaded, 2, seed=s)
     )
+    identity = run_identity(loaded, stage_configs(loaded, method, tmp_path, {}), method, "tiny")
+    assert identity["anchors"]["rehearse"] == mode and identity["stages"][0]["repeat"] == 2
+    assert "repeat" not in identity["stages"][1]  # 1: as saved before the key existed
 
     seen = record_training_rows(monkeypatch)
-    # A fixed draw: stage 2's anchors are the general prompt (index 0) and stage 1's first row (index 1).
+    # A fixed draw: stage 2's anchors are the general prompt (index 0) and the second copy of stage 1's
+    # first row (index 1 + first: the earlier rows are stage 1's rows twice, in order).
     monkeypatch.setattr(
-        "sdft_fast.continual.anchor_choice", lambda plan, number, seed: [0, 0, 0] if number == 1 else [0, 1]
+        "sdft_fast.continual.anchor_choice",
+        lambda plan, number, seed: [0] * first if number == 1 else [0, 1 + first],
     )
     run(
         rehearsing,
@@ -450,11 +461,17 @@ def test_rehearsal_anchors_draw_the_earlier_stages_prompts(
         overrides={"max_steps": 1},
     )
     stage_one_rows = [row for row in seen[0] if not row.meta.get("anchor")]
+    assert len(stage_one_rows) == 2 * first and stage_one_rows[first:] == stage_one_rows[:first]
+    assert len(seen[0]) == 3 * first  # and the fixed draw's `first` anchors
     rehearsed = [row for row in seen[1] if row.meta.get("rehearsal")]
-    assert [row.row for row in rehearsed] == [stage_one_rows[0].row]  # index 1 = stage 1's first row
-    (old,) = [row for row in stage_one_rows if row.row == rehearsed[0].row]
-    assert rehearsed[0].student_prompt_ids == rehearsed[0].teacher_prompt_ids == old.student_prompt_ids
+    assert [row.row for row in rehearsed] == [stage_one_rows[0].row]
+    old = stage_one_rows[0]
+    assert rehearsed[0].student_prompt_ids == old.student_prompt_ids
     assert old.teacher_prompt_ids != old.student_prompt_ids  # the stage itself had the demonstration
+    if method == "sdft" and mode == "replay":
+        assert rehearsed[0].teacher_prompt_ids == old.teacher_prompt_ids
+    elif method == "sdft":
+        assert rehearsed[0].teacher_prompt_ids == old.student_prompt_ids
     if method == "sft":
         assert rehearsed[0].demonstration_ids == old.demonstration_ids and old.demonstration_ids
 

@@ -109,6 +109,8 @@ def bad(stage_changes=None, **plan_changes):
         (bad({"eval": "noanswer.jsonl"}), r"stage 2 \('facts-b'\), field 'eval': .*needs an answer or a pattern"),
         (bad({"train": "a_eval.jsonl"}), r"stage 2 \('facts-b'\), field 'train': .*row 1, field 'demonstration': is missing"),
         (bad({"epochs": 3}), r"stage 2 \('facts-b'\), field 'stage': unknown key\(s\) \['epochs'\]"),
+        (bad({"repeat": 0}), r"stage 2 \('facts-b'\), field 'repeat': must be an integer >= 1, got 0"),
+        (bad({"repeat": "15"}), r"stage 2 \('facts-b'\), field 'repeat': must be an integer >= 1, got '15'"),
         (bad({"score": "reverse"}), r"stage 2 \('facts-b'\), field 'score': no evaluation row has kind 'reverse'"),
         (bad({"settings": {"lora_rank": 8}}), r"stage 2 \('facts-b'\), field 'settings.lora_rank': .*cannot change"),
         (bad({"sdft": {"learning_rate": 1}}), r"stage 2 \('facts-b'\), field 'sdft': unknown key"),
@@ -167,6 +169,15 @@ def test_anchors_mix_a_fraction_of_general_prompts_into_each_stage(files):
     assert len(plan.anchors.rows) == 10 and plan.anchors.max_new_tokens == 16
     # Stage 1: 2 training rows -> round(2 x (1/3) / (2/3)) = 1 anchor; stage 2 turns them off.
     assert [plan.anchor_count(stage) for stage in plan.stages] == [1, 0]
+    # A stage whose rows repeat keeps the fraction of its rows as trained: at 0.5, one anchor a row.
+    repeated = load_plan(
+        write_plan(files, bad({"repeat": 3}, anchors={"path": "anchors.jsonl", "fraction": 0.5}))
+    )
+    assert [stage.repeat for stage in repeated.stages] == [1, 3]
+    assert [repeated.anchor_count(stage) for stage in repeated.stages] == [
+        len(repeated.stages[0].train),
+        3 * len(repeated.stages[1].train),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -176,6 +187,7 @@ def test_anchors_mix_a_fraction_of_general_prompts_into_each_stage(files):
         ({"path": "nope.jsonl"}, {}, r"field 'anchors.path': file .*nope.jsonl does not exist"),
         ({"path": "anchors.jsonl", "fraction": 1.0}, {}, r"field 'anchors.fraction': must be a number in \[0, 1\)"),
         ({"path": "anchors.jsonl", "share": 0.2}, {}, r"field 'anchors': unknown key\(s\) \['share'\]"),
+        ({"path": "anchors.jsonl", "rehearse": "all"}, {}, r"field 'anchors.rehearse': must be false, true, 'prompts' or 'replay', got 'all'"),
         (None, {"anchor_fraction": 0.2}, r"stage 2 \('facts-b'\), field 'anchor_fraction': the plan has no anchors"),
         ({"path": "anchors.jsonl"}, {"anchor_fraction": -0.1}, r"stage 2 .*'anchor_fraction': must be a number"),
     ],

@@ -29,7 +29,10 @@ def test_three_stages_facts_skill_facts(plan):
     assert len(skill.train) >= 30 and len(skill.eval) >= 20 and skill.kinds() == ["format"]
     assert [p.name for p in plan.probes] == ["general-121", "robust-111"]
     assert len(plan.probes[0].rows) == 121 and len(plan.probes[1].rows) == 111
-    assert plan.anchors is not None and [plan.anchor_count(s) for s in plan.stages] == [20, 2, 2]
+    # Each fact row 15 times a stage: a third of its 60 rows' worth of anchors, 30 distinct prompts.
+    assert [s.repeat for s in plan.stages] == [1, 15, 15]
+    assert plan.anchors is not None and [plan.anchor_count(s) for s in plan.stages] == [20, 30, 30]
+    assert plan.anchors.rehearse == "replay" and plan.merge_between_stages
     for method in ("sdft", "sft"):
         configs = stage_configs(plan, method, "runs")
         assert all(c.method == method and c.max_steps >= 1 and c.save_every >= 1 for c in configs)
@@ -218,9 +221,14 @@ def test_the_report_names_the_sampling_and_schedule_a_stage_trained_with(plan):
     facts = dataclasses.replace(stages[1], method_settings={"sdft": {"top_p": 0.8, "min_lr_ratio": 1.0}})
     line = settings_lines(dataclasses.replace(plain_plan, stages=[stages[0], facts]), ["sdft"])[0]
     assert (
-        "facts-a: 4 rows + 2 anchors, 25 steps x 12, lr 0.003 constant, rollouts under the teacher prompt, top-p 0.8,"
-        in line
+        "facts-a: 4 rows x 15 + 30 anchors, 25 steps x 12, lr 0.003 constant, rollouts under the teacher prompt, "
+        "top-p 0.8," in line
     )
+    assert line.endswith(
+        "the anchors also rehearse the earlier stages' rows, with their demonstration in the teacher prompt."
+    )
+    sft = settings_lines(plan, ["sft"])[0]
+    assert sft.endswith("the anchors also rehearse the earlier stages' rows, on their demonstration.")
     assert "json-skill" in line and line.count("top-p") == 1
 
 
