@@ -8,13 +8,14 @@ Plan file, YAML or JSON (paths relative to the file)::
     sdft: {rollout_source: mix}                       # ... one method only
     sft: {lr: 3.0e-4}
     eval: {max_new_tokens: 24, batch_size: 32, probes: [probes.jsonl]}
-    anchors: {path: questions.jsonl, fraction: 0.25, max_new_tokens: 48}   # optional
+    anchors: {path: questions.jsonl, fraction: 0.25, max_new_tokens: 48, rehearse: replay}  # optional
     merge_between_stages: false                                             # optional
     stages:
       - name: facts-a
         train: facts_a/train.jsonl    # prompt + demonstration rows, as for `sdft-fast train`
         eval: facts_a/eval.jsonl      # default: the training rows that carry an answer or pattern
         score: direct                 # the eval `kind` the matrix shows (default: all eval rows)
+        repeat: 4                     # each training row 4 times per epoch (default 1)
         settings: {max_steps: 30}
         sdft: {}
         sft: {}
@@ -128,7 +129,7 @@ class Anchors:
     An anchor row's teacher prompt is its student prompt (no demonstration): with the frozen base
     teacher, SDFT minimises the KL from the start model on the student's own samples there; SFT
     trains on the start model's own greedy answer (``max_new_tokens`` long at most). A stage of n
-    training rows gets round(n f / (1 - f)) anchors, so they are a fraction f of its rows.
+    training rows (counting its ``repeat``) gets round(n f / (1 - f)) anchors: a fraction f of its rows.
 
     ``rehearse``: from stage 2 on, the anchors are drawn from the general prompts and the earlier
     stages' training rows together (as trained: a stage's ``repeat`` copies each), so that something
