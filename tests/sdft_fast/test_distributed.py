@@ -260,7 +260,6 @@ def test_a_killed_rank_ends_the_others_with_one_clear_line_and_keeps_the_checkpo
 def hang_rank_1(rank, world_size, setup):
     import os
     import signal
-    import time
 
     from sdft_fast.distributed import RankLost
 
@@ -271,7 +270,6 @@ def hang_rank_1(rank, world_size, setup):
             os.kill(os.getpid(), signal.SIGSTOP)  # hung, not dead: its sockets stay open
         return {}
 
-    started = time.monotonic()
     try:
         train(
             build_model(model_dir, lora_config(None)),
@@ -281,14 +279,15 @@ def hang_rank_1(rank, world_size, setup):
             eval_fn=stop_rank_1,
         )
     except RankLost as error:
-        return str(error), time.monotonic() - started
-    return None, time.monotonic() - started
+        return str(error)
+    return None
 
 
 def test_a_hung_rank_ends_the_others_after_the_collective_timeout(setup):
     # Rank 1 stops (SIGSTOP) at step 2 and never ends by itself: run_ranks kills it once rank 0 returned.
     per_rank = run_ranks(hang_rank_1, 2, setup[0], setup, timeout_s=60, group_timeout_s=3, wait_for=[0])
-    message, elapsed = per_rank[0]
+    message = per_rank[0]
     assert message is not None, "rank 0 finished the run although rank 1 hung"
     assert message.startswith("rank 0 of 2:") and "resume with --resume" in message
-    assert elapsed < 30  # the 3 s collective timeout, not a hang
+    # Ended by the group's 3 s collective timeout (gloo names it), not by run_ranks' 60 s kill.
+    assert "Timed out waiting 3000ms" in message
